@@ -1,0 +1,44 @@
+"""The `diffusers-ext` command line. Each sub-command lives in its own module with a `register`
+function that adds its parser to the sub-parsers; `main` dispatches to the chosen one."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module -> registers one or more sub-commands; imported lazily so `--help` stays fast.
+COMMAND_MODULES = (
+    "diffusers_ext.compare",
+    "diffusers_ext.eval.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusers-ext", description="Faster, paper-faithful attention for diffusers pipelines."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # a real missing dependency inside the module: say so
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"diffusers-ext {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Loading a pipeline from a hub id, a local folder, or one of the embedded tiny models.
+
+    load_pipeline("tiny:sd")                       # offline, random weights (diffusers_ext.testing)
+    load_pipeline("runwayml/stable-diffusion-v1-5", dtype=torch.float16, device="cuda")
+    load_pipeline("/path/to/saved/pipeline")
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+TINY_PREFIX = "tiny:"
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """`None` / "auto" -> CUDA when available, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """"auto" -> float16 on CUDA, float32 elsewhere (diffusers' default of full precision on CPU)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)} or 'auto'")
+    return names[dtype]
+
+
+def load_pipeline(model: str, dtype: str | torch.dtype | None = "auto", device: str | None = "auto"):
+    """Load a diffusers pipeline from `model` (hub id, local folder, or `tiny:<family>`)."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if model.startswith(TINY_PREFIX):
+        from .testing import tiny_pipeline
+
+        return tiny_pipeline(model[len(TINY_PREFIX):], dtype=dtype).to(device)
+
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    except OSError as err:
+        hint = (
+            "no local folder of that name exists and the model hub could not be reached"
+            if not os.path.isdir(model) else "the folder is not a saved diffusers pipeline"
+        )
+        raise OSError(f"could not load pipeline {model!r}: {hint}. Offline, use an embedded model such as "
+                      f"'tiny:sd' ({err.__class__.__name__}: {err})") from err
+    return pipe.to(device)
