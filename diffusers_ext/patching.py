@@ -1,0 +1,158 @@
+"""`patch`, `unpatch`, `patched`: the one-line pipeline patch.
+
+    import diffusers_ext as dx
+    dx.patch(pipe, "agent")                 # pipeline or bare denoiser
+    dx.unpatch(pipe)                        # bit-exact restore
+    with dx.patched(pipe, "agent", steps=(0.0, 0.5)):
+        image = pipe(prompt).images[0]
+
+A patch replaces the processors of the sites the method selects, keeps the originals to restore
+them, and attaches a step tracker to the denoiser (see `steps.py`). Patching a patched model
+replaces the first patch cleanly. The record lives on the denoiser as `_diffusers_ext_patch`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .families import AttentionSite, describe_sites, family_of, find_denoiser
+from .registry import get_method
+from .steps import StepState, attach_step_tracker, detach_step_tracker
+
+RECORD_ATTRIBUTE = "_diffusers_ext_patch"
+
+
+@dataclass
+class PatchRecord:
+    """What a patch changed, enough to undo it exactly."""
+
+    method: str
+    family: str
+    options: dict[str, Any]
+    state: StepState
+    originals: dict[str, Any] = field(default_factory=dict)   # site name -> original processor
+    had_hook_registry: bool = False
+    had_instance_forward: bool = False
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.originals)
+
+
+def patch(pipe_or_model, method: str, *, weights: str | None = None, **options) -> PatchRecord:
+    """Replace the attention of a pipeline's denoiser (or a bare denoiser) with `method`.
+
+    Options are the method's (see `diffusers_ext.methods()`); every method takes `steps`, the part
+    of the denoising run where it acts (default: the method's recipe), as fractions `(0.0, 0.4)` or
+    step indices `(0, 20)`. Raises ValueError / TypeError for an unknown method, an unsupported
+    model, bad options, or a patch that would replace nothing; the model is then left untouched.
+    `weights`: a folder written by the fine-tune (`diffusers_ext.weights`); its saved options are the
+    defaults, the caller's options override them.
+    """
+    config = None
+    if weights is not None:
+        from .weights import read_config, saved_options
+
+        config = read_config(weights)
+        if config["method"] != method:
+            raise ValueError(f"weights in {weights} are for method {config['method']!r}, not {method!r}")
+        options = {**saved_options(config), **options}
+    spec = get_method(method)
+    denoiser, pipeline = find_denoiser(pipe_or_model)
+    family = family_of(denoiser)
+    if family.name not in spec.families:
+        raise TypeError(
+            f"method {method!r} does not support {type(denoiser).__name__} (family {family.name!r}); "
+            f"it supports: {', '.join(spec.families)}"
+        )
+    resolved = spec.resolve_options(family.name, options)
+    schedules = {key: value for key, value in resolved.items() if key.endswith("steps")}
+    if pipeline is None and any(s.by_index for s in schedules.values()):
+        raise ValueError(
+            "schedules given as step indices need the pipeline (its scheduler knows the steps); "
+            "patch the pipeline, or give fractions of the run such as (0.0, 0.4)"
+        )
+
+    sites: list[AttentionSite] = spec.select_sites(family.find_sites(denoiser), resolved, family.name)
+    if not sites:
+        raise ValueError(
+            f"method {method!r} with these options replaces no attention in this "
+            f"{type(denoiser).__name__} ({family.description}; {describe_sites(family.find_sites(denoiser))}); "
+            "a patch that changes nothing is refused"
+        )
+
+    # Build everything before touching the model; a second patch wraps the stock processors.
+    previous: PatchRecord | None = getattr(denoiser, RECORD_ATTRIBUTE, None)
+    originals = {
+        site.name: previous.originals[site.name] if previous and site.name in previous.originals
+        else site.module.processor
+        for site in sites
+    }
+    state = StepState(schedules=schedules)
+    processors = {site.name: spec.make_processor(site, originals[site.name], resolved, state) for site in sites}
+
+    unpatch(denoiser, missing_ok=True)
+    record = PatchRecord(
+        method, family.name, resolved, state, originals=originals,
+        had_hook_registry=hasattr(denoiser, "_diffusers_hook"),
+        had_instance_forward="forward" in denoiser.__dict__,
+    )
+    param = next(denoiser.parameters(), None)
+    for site in sites:
+        processor = processors[site.name]
+        if param is not None and isinstance(processor, torch.nn.Module):
+            processor.to(device=param.device)
+        site.module.set_processor(processor)
+    attach_step_tracker(denoiser, state, pipeline)
+    setattr(denoiser, RECORD_ATTRIBUTE, record)
+    if config is not None:
+        from .weights import load_weights
+
+        try:
+            load_weights(weights, denoiser, config)
+        except Exception:
+            unpatch(denoiser)
+            raise
+    return record
+
+
+def unpatch(pipe_or_model, missing_ok: bool = False) -> None:
+    """Restore the original processors and remove the step tracker: the model is as before `patch`."""
+    denoiser, _ = find_denoiser(pipe_or_model)
+    record: PatchRecord | None = getattr(denoiser, RECORD_ATTRIBUTE, None)
+    if record is None:
+        if missing_ok:
+            return
+        raise ValueError(f"{type(denoiser).__name__} is not patched by diffusers_ext")
+    modules = dict(denoiser.named_modules())
+    for name, original in record.originals.items():
+        modules[name].set_processor(original)
+    detach_step_tracker(denoiser, record.had_hook_registry, record.had_instance_forward)
+    delattr(denoiser, RECORD_ATTRIBUTE)
+
+
+def patch_record(pipe_or_model) -> PatchRecord | None:
+    """The active patch of a pipeline or denoiser, or None."""
+    denoiser, _ = find_denoiser(pipe_or_model)
+    return getattr(denoiser, RECORD_ATTRIBUTE, None)
+
+
+@contextlib.contextmanager
+def patched(pipe_or_model, method: str, **options):
+    """Context manager: patched inside, restored exactly on exit (also on errors)."""
+    record = patch(pipe_or_model, method, **options)
+    try:
+        yield record
+    finally:
+        unpatch(pipe_or_model)
+
+
+def methods() -> list[dict[str, Any]]:
+    """Every registered method: name, families, training-free or not, description and options."""
+    from .registry import all_methods
+
+    return [spec.info() for spec in all_methods().values()]

@@ -1,0 +1,198 @@
+"""Knowing the denoising step inside attention.
+
+diffusers pipelines do not tell attention processors which step they are in. A `ModelHook` on the
+denoiser reads the `timestep` argument (and the latent's spatial size) before every forward and
+writes them into a `StepState` that the processors of one patch share.
+
+Where the step sits in the run:
+- patched through a pipeline: the timestep is located in `pipe.scheduler.timesteps` (looked up at
+  call time, so swapping the scheduler after patching is fine); `progress = index / len(timesteps)`.
+- a bare denoiser, or a timestep the scheduler does not list: the timestep is placed in the model's
+  training range, `progress = 1 - t / num_train_timesteps` (t = 999 of 1000 is the start of a run).
+
+Processors never read the raw timestep: every `Schedule` of a patch is evaluated once per forward
+into a plain bool (`state.active[key]`), so torch.compile sees at most two values per schedule and
+does not recompile every step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+HOOK_NAME = "diffusers_ext_step_tracker"
+DEFAULT_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When a component of a method acts: `start <= position < end`.
+
+    Floats are fractions of the denoising run (0.0 = first step, 1.0 = after the last); ints are
+    step indices into the scheduler's timesteps. `Schedule.parse` accepts `None` / "all" (always),
+    a `(start, end)` pair of floats or of ints.
+    """
+
+    start: float | int = 0.0
+    end: float | int = 1.0
+
+    @property
+    def by_index(self) -> bool:
+        return isinstance(self.start, int) and isinstance(self.end, int)
+
+    @property
+    def always(self) -> bool:
+        return not self.by_index and self.start <= 0.0 and self.end >= 1.0
+
+    @classmethod
+    def parse(cls, value: Any, name: str = "steps") -> "Schedule":
+        if isinstance(value, Schedule):
+            return value
+        if value is None or value == "all":
+            return cls()
+        if isinstance(value, str) or not hasattr(value, "__len__") or len(value) != 2:
+            raise ValueError(f"`{name}` must be None, 'all', or a (start, end) pair; got {value!r}")
+        start, end = value
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (start, end)):
+            raise ValueError(f"`{name}` must hold two numbers; got {value!r}")
+        if isinstance(start, int) and isinstance(end, int):
+            if not 0 <= start < end:
+                raise ValueError(f"`{name}` as step indices needs 0 <= start < end; got {value!r}")
+            return cls(start, end)
+        start, end = float(start), float(end)
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(
+                f"`{name}` as fractions of the run needs 0 <= start < end <= 1; got {value!r} "
+                "(use two ints for step indices)"
+            )
+        return cls(start, end)
+
+    def contains(self, step_index: int | None, progress: float) -> bool:
+        if self.by_index:
+            if step_index is None:
+                raise RuntimeError(
+                    "a schedule given as step indices needs the pipeline's scheduler to know the step; "
+                    "patch the pipeline rather than the bare denoiser, or give fractions of the run"
+                )
+            return self.start <= step_index < self.end
+        return self.start <= progress < self.end or (self.end >= 1.0 and progress >= 1.0)
+
+
+@dataclass
+class StepState:
+    """What the processors of one patch read; filled by `StepTracker` before every denoiser call."""
+
+    schedules: dict[str, Schedule] = field(default_factory=dict)
+    active: dict[str, bool] = field(default_factory=dict)
+    timestep: float | None = None
+    step_index: int | None = None
+    num_steps: int | None = None
+    progress: float = 0.0
+    latent_hw: tuple[int, int] | None = None
+    num_frames: int | None = None
+
+    def __post_init__(self):
+        self.update(timestep=None, step_index=None, num_steps=None, progress=0.0)
+
+    def update(self, timestep, step_index, num_steps, progress) -> None:
+        self.timestep, self.step_index, self.num_steps, self.progress = timestep, step_index, num_steps, progress
+        self.active = {key: s.contains(step_index, progress) for key, s in self.schedules.items()}
+
+    def grid(self, num_tokens: int) -> tuple[int, int] | None:
+        """(height, width) of an image grid of `num_tokens` tokens at some downsampling 2**k of the
+        latent (UNet levels round up, as stride-2 convs with padding do; DiT / SD3 patchify divides),
+        or None when the tokens are not such a grid."""
+        if self.latent_hw is None:
+            return None
+        height, width = self.latent_hw
+        for k in range(8):
+            d = 2**k
+            gh, gw = math.ceil(height / d), math.ceil(width / d)
+            if gh * gw == num_tokens:
+                return gh, gw
+            if gh * gw < num_tokens:
+                return None
+        return None
+
+
+def _first_value(t: Any) -> float:
+    if isinstance(t, torch.Tensor):
+        return float(t.reshape(-1)[0].item())
+    return float(t)
+
+
+class StepTracker(ModelHook):
+    """Reads `timestep` and the latent shape of every denoiser call into a `StepState`."""
+
+    def __init__(self, state: StepState, pipeline=None, num_train_timesteps: int | None = None):
+        super().__init__()
+        self.state = state
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+        self.num_train_timesteps = num_train_timesteps or DEFAULT_TRAIN_TIMESTEPS
+        self._signature = None
+
+    def initialize_hook(self, module):
+        self._signature = inspect.signature(module.forward)
+        return module
+
+    def _scheduler(self):
+        pipe = self._pipeline() if self._pipeline is not None else None
+        return getattr(pipe, "scheduler", None)
+
+    def locate(self, t: float) -> tuple[int | None, int | None, float]:
+        """(step_index, num_steps, progress) of timestep `t`."""
+        scheduler = self._scheduler()
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is not None and len(timesteps) > 0:
+            ts = torch.as_tensor(timesteps).detach().to("cpu", torch.float64)
+            distance = (ts - t).abs()
+            index = int(distance.argmin())
+            if distance[index] <= 1e-3 * max(1.0, abs(t)):
+                return index, len(ts), index / len(ts)
+        train_steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+        train_steps = train_steps or self.num_train_timesteps
+        return None, None, min(max(1.0 - (t + 1.0) / train_steps, 0.0), 1.0)
+
+    def pre_forward(self, module, *args, **kwargs):
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        sample = next(iter(bound.values()), None)
+        if isinstance(sample, torch.Tensor) and sample.ndim >= 4:
+            self.state.latent_hw = tuple(sample.shape[-2:])
+            self.state.num_frames = sample.shape[2] if sample.ndim == 5 else None
+        timestep = bound.get("timestep")
+        if timestep is None:
+            raise ValueError(
+                f"{type(module).__name__} was called without a `timestep`; a diffusers_ext patch needs it "
+                "to know the denoising step"
+            )
+        t = _first_value(timestep)
+        self.state.update(t, *self.locate(t))
+        return args, kwargs
+
+
+def attach_step_tracker(denoiser: torch.nn.Module, state: StepState, pipeline=None) -> StepTracker:
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+    if registry.get_hook(HOOK_NAME) is not None:
+        registry.remove_hook(HOOK_NAME, recurse=False)
+    tracker = StepTracker(state, pipeline)
+    registry.register_hook(tracker, HOOK_NAME)
+    return tracker
+
+
+def detach_step_tracker(denoiser: torch.nn.Module, had_registry: bool, had_forward: bool) -> None:
+    """Remove the hook and, where the patch created them, the registry and the instance `forward`."""
+    registry = getattr(denoiser, "_diffusers_hook", None)
+    if registry is None:
+        return
+    registry.remove_hook(HOOK_NAME, recurse=False)
+    if not registry.hooks:
+        if not had_registry:
+            del denoiser._diffusers_hook
+        if not had_forward:
+            denoiser.__dict__.pop("forward", None)

@@ -1,0 +1,89 @@
+"""Saving and loading the weights a method adds or changes, as safetensors plus a small JSON.
+
+A weights folder holds
+    diffusers_ext_config.json        {"method", "options", "family", "denoiser", "sites", "format"}
+    diffusers_ext_weights.safetensors state-dict entries of the denoiser, keys as in `state_dict()`
+                                      (new parameters live at `<site>.processor.<name>`)
+
+`dx.patch(pipe, method, weights=folder)` patches with the saved options (the caller's override
+them) and loads the tensors; every saved tensor must find its parameter with the same shape.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONFIG_NAME = "diffusers_ext_config.json"
+WEIGHTS_NAME = "diffusers_ext_weights.safetensors"
+FORMAT_VERSION = 1
+
+
+def _jsonable(value: Any) -> Any:
+    from .steps import Schedule
+
+    if isinstance(value, Schedule):
+        return [value.start, value.end]
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def save_weights(folder: str | Path, denoiser: torch.nn.Module, record, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write `tensors` (state-dict names of `denoiser`) and the patch's method and options."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format": FORMAT_VERSION, "method": record.method, "family": record.family,
+        "denoiser": type(denoiser).__name__, "sites": record.sites,
+        "options": {k: _jsonable(v) for k, v in record.options.items()},
+    }
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / WEIGHTS_NAME))
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / CONFIG_NAME
+    if not folder.is_dir() or not path.is_file() or not (folder / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a diffusers_ext weights folder (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format {config.get('format')!r} (this version reads {FORMAT_VERSION})")
+    return config
+
+
+def saved_options(config: dict[str, Any]) -> dict[str, Any]:
+    """Options as saved, with JSON lists turned back into tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config["options"].items()}
+
+
+def load_weights(folder: str | Path, denoiser: torch.nn.Module, config: dict[str, Any]) -> list[str]:
+    """Load the saved tensors into the patched `denoiser`; returns the names loaded."""
+    from safetensors.torch import load_file
+
+    if config["denoiser"] != type(denoiser).__name__:
+        raise ValueError(f"weights in {folder} were made for a {config['denoiser']}, not a {type(denoiser).__name__}")
+    tensors = load_file(str(Path(folder) / WEIGHTS_NAME))
+    own = denoiser.state_dict(keep_vars=True)
+    missing = sorted(set(tensors) - set(own))
+    if missing:
+        raise ValueError(f"weights in {folder} do not fit this model: {len(missing)} tensors have no place, "
+                         f"e.g. {missing[:3]}")
+    mismatched = [k for k, v in tensors.items() if tuple(own[k].shape) != tuple(v.shape)]
+    if mismatched:
+        k = mismatched[0]
+        raise ValueError(f"weights in {folder} do not fit this model: {k} is {tuple(tensors[k].shape)} there, "
+                         f"{tuple(own[k].shape)} here ({len(mismatched)} such tensors)")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            own[name].copy_(value.to(own[name].dtype))
+    return sorted(tensors)
