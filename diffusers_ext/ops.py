@@ -3,6 +3,7 @@
     sdpa(q, k, v, scale)                     softmax(scale q k^T) v through the fused kernel
     agent_attention(q, k, v, a, s1, s2, c)   softmax(s2 q a^T) softmax(s1 a k^T) v + c v
     pool_on_grid(x, grid, out_grid)          average-pool tokens laid out on an image grid
+    GridDepthwiseConv(channels, k)           depthwise k x k conv of tokens on their grid (a layer)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,8 +60,8 @@ def agent_attention(q, k, v, agents, scale: float, agent_scale: float, shortcut:
     return out
 
 
-def tokens_to_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(..., N, C) with N = H*W row-major -> (prod(...), C, H, W)."""
+def tokens_to_grid(x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Size]:
+    """(..., N, C) with N = H*W row-major -> ((prod(...), C, H, W), the leading shape)."""
     height, width = grid
     lead, channels = x.shape[:-2], x.shape[-1]
     return x.reshape(-1, height, width, channels).permute(0, 3, 1, 2), lead
@@ -75,3 +77,25 @@ def pool_on_grid(x: torch.Tensor, grid: tuple[int, int], out_grid: tuple[int, in
     """Adaptive average pooling of tokens on their grid: (..., H*W, C) -> (..., h*w, C)."""
     image, lead = tokens_to_grid(x, grid)
     return grid_to_tokens(F.adaptive_avg_pool2d(image, out_grid), lead)
+
+
+class GridDepthwiseConv(nn.Module):
+    """Depthwise `kernel_size` x `kernel_size` conv of tokens on their image grid (zero padding).
+
+    (..., N, C) with N = H*W -> same shape. Zero-initialised by default, so a model that gains
+    one starts exactly where it was (mediators' DWC(V), T^5's q/k convs, LINA's locality conv).
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, zero_init: bool = True, bias: bool = True):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=bias)
+        if zero_init:
+            nn.init.zeros_(self.conv.weight)
+            if bias:
+                nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        image, lead = tokens_to_grid(x, grid)
+        return grid_to_tokens(self.conv(image.to(self.conv.weight.dtype)).to(x.dtype), lead)
