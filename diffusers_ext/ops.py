@@ -99,3 +99,86 @@ class GridDepthwiseConv(nn.Module):
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         image, lead = tokens_to_grid(x, grid)
         return grid_to_tokens(self.conv(image.to(self.conv.weight.dtype)).to(x.dtype), lead)
+
+
+
+# =====================================================================================================
+# Mediator tokens and VCA (DiT / SiT): interpolated position biases, biased two-stage attention,
+# RMSNorm without affine, differential attention with the Diff-Transformer lambda.
+# =====================================================================================================
+
+def attention_with_bias(q, k, v, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(scale q k^T + bias) v; `bias` broadcastable to (B, h, N, M) or None (then `sdpa`)."""
+    if bias is None:
+        return sdpa(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+
+
+def mediator_attention(q, k, v, mediators, scale: float, bias_to_tokens=None, bias_to_mediators=None):
+    """Two-stage attention through n mediator tokens T (Pu et al., ECCV 2024):
+
+        F = softmax(s T K^T + B1) V        mediators gather      (B, h, n, d)
+        O = softmax(s Q T^T + B2) F        tokens read back      (B, h, N, d)
+
+    q (B, h, N, d); k, v (B, h, M, d); mediators (B, h, n, d); B1 (.., h, n, M), B2 (.., h, N, n)
+    or None. Without biases it is agent attention with both scales s (`agent_attention`)."""
+    if bias_to_tokens is None and bias_to_mediators is None:
+        return agent_attention(q, k, v, mediators, scale, scale)
+    gathered = attention_with_bias(mediators, k, v, scale, bias_to_tokens)
+    return attention_with_bias(q, mediators, gathered, scale, bias_to_mediators)
+
+
+def interpolated_bias(table: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                      mediator_grid: tuple[int, int], token_grid: tuple[int, int]) -> torch.Tensor:
+    """Position bias between a mediator grid and a token grid from resolution-free tables.
+
+    table (h, Mh, Mw, Th, Tw): bilinear over both grids; rows (h, Mh, Mw, R) and cols (h, Mh, Mw, R'):
+    per token row / column terms, linear over the token axis, bilinear over the mediator grid.
+    -> (h, mh*mw, H*W): bias[m, (i, j)] = table~[m, i, j] + rows~[m, i] + cols~[m, j].
+    Interpolation is align_corners=False, so a table already at the target size is used as is.
+    """
+    heads = table.shape[0]
+    (mh, mw), (height, width) = mediator_grid, token_grid
+
+    def over_mediators(x):                       # (h, Mh, Mw, *rest) -> (h, mh*mw, *rest)
+        rest = x.shape[3:]
+        if x.shape[1:3] != (mh, mw):
+            flat = x.permute(0, *range(3, x.ndim), 1, 2).reshape(-1, 1, *x.shape[1:3])
+            flat = F.interpolate(flat, size=(mh, mw), mode="bilinear", align_corners=False)
+            x = flat.reshape(heads, *rest, mh, mw).permute(0, -2, -1, *range(1, 1 + len(rest)))
+        return x.reshape(heads, mh * mw, *rest)
+
+    def over_tokens(x, size):                     # (h, n, *R) -> (h, n, *size)
+        if tuple(x.shape[2:]) == tuple(size):
+            return x
+        mode = "bilinear" if len(size) == 2 else "linear"
+        flat = F.interpolate(x.reshape(-1, 1, *x.shape[2:]), size=size, mode=mode, align_corners=False)
+        return flat.reshape(heads, mh * mw, *size)
+
+    bias = over_tokens(over_mediators(table), (height, width))
+    bias = bias + over_tokens(over_mediators(rows), (height,))[..., :, None]
+    bias = bias + over_tokens(over_mediators(cols), (width,))[..., None, :]
+    return bias.reshape(heads, mh * mw, height * width)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """x / sqrt(mean(x^2, -1) + eps) (* weight), computed in fp32, returned in x's dtype."""
+    y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float() if weight is not None else y).to(x.dtype)
+
+
+def diff_lambda(lq1, lk1, lq2, lk2, lambda_init: float) -> torch.Tensor:
+    """Diff Transformer's re-parameterised lambda: exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init."""
+    return torch.exp((lq1 * lk1).sum(-1).float()) - torch.exp((lq2 * lk2).sum(-1).float()) + lambda_init
+
+
+def lambda_init_for_depth(depth: int) -> float:
+    """Diff Transformer's depth-dependent lambda_init = 0.8 - 0.6 exp(-0.3 depth) (depth from 0)."""
+    import math
+
+    return 0.8 - 0.6 * math.exp(-0.3 * depth)
+
+
+def differential_attention(q, k_pos, k_neg, v, scale: float, lam) -> torch.Tensor:
+    """(softmax(s q k+^T) - lam softmax(s q k-^T)) v as two fused attentions; lam a scalar (tensor)."""
+    return sdpa(q, k_pos, v, scale) - lam * sdpa(q, k_neg, v, scale)

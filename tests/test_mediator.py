@@ -1,0 +1,221 @@
+"""Mediator attention: math against a dense reference, interpolated biases, the count schedule."""
+
+import gc
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import diffusers_ext as dx
+from diffusers_ext.ops import agent_attention, interpolated_bias, pool_on_grid
+from diffusers_ext.processor import split_heads
+from diffusers_ext.testing import tiny_pipeline
+from diffusers_ext.processors.mediator import MediatorAttnProcessor, MediatorCounts
+
+
+def bilinear_matrix(src: int, dst: int) -> torch.Tensor:
+    """(dst, src) weights of 1-D linear interpolation with half-pixel centres (align_corners=False)."""
+    w = np.zeros((dst, src))
+    for i in range(dst):
+        x = min(max((i + 0.5) * src / dst - 0.5, 0.0), src - 1)
+        lo = int(math.floor(x))
+        hi = min(lo + 1, src - 1)
+        w[i, lo] += 1 - (x - lo)
+        w[i, hi] += x - lo
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def dense_bias(table, rows, cols, mgrid, tgrid):
+    heads, M0h, M0w, th, tw = table.shape
+    mh, mw = bilinear_matrix(M0h, mgrid[0]), bilinear_matrix(M0w, mgrid[1])
+    H, W = bilinear_matrix(th, tgrid[0]), bilinear_matrix(tw, tgrid[1])
+    Rh, Rw = bilinear_matrix(rows.shape[-1], tgrid[0]), bilinear_matrix(cols.shape[-1], tgrid[1])
+    t = torch.einsum("habxy,ma,nb,ix,jy->hmnij", table, mh, mw, H, W)
+    r = torch.einsum("habx,ma,nb,ix->hmni", rows, mh, mw, Rh)
+    c = torch.einsum("haby,ma,nb,jy->hmnj", cols, mh, mw, Rw)
+    full = t + r[..., :, None] + c[..., None, :]
+    return full.reshape(heads, mgrid[0] * mgrid[1], tgrid[0] * tgrid[1])
+
+
+@pytest.mark.parametrize("mgrid,tgrid", [((8, 8), (16, 16)), ((4, 4), (8, 8)), ((12, 12), (32, 32)),
+                                          ((3, 3), (12, 20)), ((2, 2), (64, 64))])
+def test_interpolated_bias_matches_dense_bilinear(mgrid, tgrid):
+    g = torch.Generator().manual_seed(0)
+    table, rows, cols = torch.randn(2, 8, 8, 7, 7, generator=g), torch.randn(2, 8, 8, 16, generator=g), \
+        torch.randn(2, 8, 8, 16, generator=g)
+    torch.testing.assert_close(interpolated_bias(table, rows, cols, mgrid, tgrid),
+                               dense_bias(table, rows, cols, mgrid, tgrid), atol=1e-5, rtol=1e-5)
+
+
+def test_interpolated_bias_at_native_size_is_the_table():
+    table, rows, cols = torch.randn(1, 4, 4, 6, 6), torch.randn(1, 4, 4, 6), torch.randn(1, 4, 4, 6)
+    bias = interpolated_bias(table, rows, cols, (4, 4), (6, 6)).reshape(1, 16, 6, 6)
+    expected = (table + rows[..., :, None] + cols[..., None, :]).reshape(1, 16, 6, 6)
+    torch.testing.assert_close(bias, expected)
+
+
+def _processor(pipe, count=4):
+    record = dx.patch(pipe, "mediator", mediators=count)
+    attn = pipe.transformer.transformer_blocks[0].attn1
+    return record, attn, attn.processor
+
+
+def _run_attention(record, attn, proc, x, grid):
+    record.state.latent_hw = (grid[0] * 2, grid[1] * 2)       # DiT patch 2
+    with torch.no_grad():
+        return proc.attend(attn, x)
+
+
+def dense_mediator_attention(attn, proc, x, grid, count):
+    """The paper's equations with explicit softmax matrices."""
+    heads, s = attn.heads, attn.scale
+    q, k, v = (split_heads(f(x), heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+    side = int(count**0.5)
+    t = pool_on_grid(q, grid, (side, side))
+    tables = lambda p: (getattr(proc, p + "_table"), getattr(proc, p + "_rows"), getattr(proc, p + "_cols"))  # noqa
+    b1 = dense_bias(*tables("to_tokens"), (side, side), grid)
+    b2 = dense_bias(*tables("to_mediators"), (side, side), grid).transpose(-1, -2)
+    a1 = torch.softmax(s * t @ k.transpose(-1, -2) + b1, -1)
+    a2 = torch.softmax(s * q @ t.transpose(-1, -2) + b2, -1)
+    o = a2 @ (a1 @ v)
+    conv = proc.dwc.conv
+    image = v.transpose(1, 2).reshape(x.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2)
+    dw = torch.nn.functional.conv2d(image, conv.weight, conv.bias, padding=1, groups=image.shape[1])
+    o = o + split_heads(dw.flatten(2).transpose(1, 2), heads)
+    o = o.transpose(1, 2).reshape(x.shape[0], -1, heads * q.shape[-1])
+    return attn.to_out[0](o)
+
+
+@pytest.mark.parametrize("grid,count", [((8, 8), 16), ((6, 10), 4), ((12, 12), 36)])
+def test_trained_mediators_match_dense_reference(grid, count):
+    pipe = tiny_pipeline("dit")
+    record, attn, proc = _processor(pipe, count)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in proc.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    x = torch.randn(2, grid[0] * grid[1], attn.inner_dim, generator=g)
+    got = _run_attention(record, attn, proc, x, grid)
+    with torch.no_grad():
+        expected = dense_mediator_attention(attn, proc, x, grid, count)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_zero_init_is_pooled_query_agent_attention_exactly():
+    pipe = tiny_pipeline("dit")
+    record, attn, proc = _processor(pipe, 16)
+    assert all(not p.any() for p in proc.parameters())
+    grid = (8, 8)
+    x = torch.randn(2, 64, attn.inner_dim)
+    got = _run_attention(record, attn, proc, x, grid)
+    with torch.no_grad():
+        q, k, v = (split_heads(f(x), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+        o = agent_attention(q, k, v, pool_on_grid(q, grid, (4, 4)), attn.scale, attn.scale)
+        expected = attn.to_out[0](o.transpose(1, 2).reshape(2, 64, -1))
+    assert torch.equal(got, expected)
+
+
+def test_schedule_switches_counts_at_the_right_steps():
+    pipe = tiny_pipeline("dit")        # latent 16 x 16, patch 2 -> 8 x 8 tokens
+    record = dx.patch(pipe, "mediator", mediators=(1, 4, 16), switch_at=(0.3, 0.6))
+    counts = pipe.transformer.transformer_blocks[0].attn1.processor.counts
+    used = []
+    original = counts.groups
+    counts.groups = lambda batch: used.append((record.state.step_index, original(batch))) or used[-1][1]
+    pipe(class_labels=[1], num_inference_steps=10, output_type="latent")
+    per_step = {step: groups[0][0] for step, groups in used}
+    assert per_step == {0: 1, 1: 1, 2: 1, 3: 4, 4: 4, 5: 4, 6: 16, 7: 16, 8: 16, 9: 16}
+    dx.unpatch(pipe)
+
+
+def test_even_split_by_default_and_option_errors():
+    pipe = tiny_pipeline("dit")
+    assert dx.patch(pipe, "mediator", mediators=(4, 16)).options["switch_at"] == (0.5,)
+    with pytest.raises(ValueError, match="perfect squares"):
+        dx.patch(pipe, "mediator", mediators=(4, 15))
+    with pytest.raises(ValueError, match="increasing"):
+        dx.patch(pipe, "mediator", mediators=(4, 16, 64), switch_at=(0.5,))
+    with pytest.raises(ValueError, match="not both"):
+        dx.patch(pipe, "mediator", mediators=(4, 16), switch_at=(0.5,), switch_ratios=(0.5,))
+    with pytest.raises(ValueError, match="decreasing"):
+        dx.patch(pipe, "mediator", mediators=(4, 16, 64), switch_ratios=(0.3, 0.5))
+    dx.patch(pipe, "mediator", mediators=81)                  # 9 x 9 > 8 x 8 tokens
+    with pytest.raises(ValueError, match="do not fit"):
+        pipe(class_labels=[1], num_inference_steps=1, output_type="latent")
+    dx.unpatch(pipe)
+
+
+class FakeState:
+    progress, step_index, timestep = 0.0, 0, 0.0
+
+
+def test_adaptive_switch_is_per_sample():
+    state = FakeState()
+    counts = MediatorCounts(state, (4, 16, 64), None, (0.5, 0.25), 3, "l2")
+    # sample 0 keeps changing by 1 per step, sample 1 slows down: 1, 1, 1, then 0.4, 0.2
+    steps = [(1.0, 1.0), (1.0, 1.0), (1.0, 1.0), (1.0, 0.4), (1.0, 0.2)]
+    x = torch.zeros(2, 1, 1, 1)
+    seen = []
+    for i in range(len(steps) + 1):
+        state.step_index, state.timestep, state.progress = i, float(i), i / 10
+        counts.observe(x)
+        seen.append(counts.groups(2))
+        if i < len(steps):
+            x = x + torch.tensor(steps[i]).reshape(2, 1, 1, 1)
+    levels = [counts.levels.tolist()]
+    assert [g[0][0] for g in seen[:4]] == [4, 4, 4, 4]
+    assert [(c, idx.tolist()) for c, idx in seen[4]] == [(4, [0]), (16, [1])]
+    assert [(c, idx.tolist()) for c, idx in seen[5]] == [(4, [0]), (64, [1])]
+    assert levels == [[0, 2]]
+    # a new run (progress back to 0) starts over
+    state.step_index, state.timestep, state.progress = 0, 100.0, 0.0
+    counts.observe(torch.zeros(3, 1, 1, 1))
+    assert counts.groups(3) == [(4, None)] and counts.levels.tolist() == [0, 0, 0]
+
+
+def test_adaptive_switch_with_cfg_and_batch_and_unpatch_restores():
+    pipe = tiny_pipeline("dit")
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    stock = pipe(class_labels=[1, 2, 3], num_inference_steps=8, guidance_scale=4.0, generator=g(),
+                 output_type="latent").images
+    dx.patch(pipe, "mediator", mediators=(1, 4, 16), switch_ratios=(0.9, 0.6))
+    counts = pipe.transformer.transformer_blocks[0].attn1.processor.counts
+    log = []
+    original = counts.groups
+    counts.groups = lambda batch: log.append(original(batch)) or log[-1]
+    pipe(class_labels=[1, 2, 3], num_inference_steps=8, guidance_scale=4.0, generator=g(), output_type="latent")
+    assert counts.levels.shape == (6,)
+    assert torch.equal(counts.levels[:3], counts.levels[3:])          # cond / uncond halves agree
+    assert counts.levels.max() > 0                                      # it did switch
+    assert any(len(groups) == 1 and groups[0][0] == 1 for groups in log)
+    assert len(pipe.transformer._forward_pre_hooks) == 1
+    dx.unpatch(pipe)
+    del counts, original, log
+    gc.collect()
+    assert len(pipe.transformer._forward_pre_hooks) == 0
+    again = pipe(class_labels=[1, 2, 3], num_inference_steps=8, guidance_scale=4.0, generator=g(),
+                 output_type="latent").images
+    assert np.array_equal(stock, again)
+
+
+def test_weights_round_trip(tmp_path):
+    from diffusers_ext.weights import save_weights
+
+    pipe = tiny_pipeline("dit")
+    record = dx.patch(pipe, "mediator", mediators=(4, 16))
+    tensors = {}
+    for name, p in pipe.transformer.named_parameters():
+        if ".processor." in name:
+            with torch.no_grad():
+                p.normal_()
+            tensors[name] = p.detach().clone()
+    out = pipe(class_labels=[5], num_inference_steps=2, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).images
+    save_weights(tmp_path, pipe.transformer, record, tensors)
+    dx.unpatch(pipe)
+    dx.patch(pipe, "mediator", weights=str(tmp_path))
+    assert dx.patch_record(pipe).options["mediators"] == (4, 16)
+    again = pipe(class_labels=[5], num_inference_steps=2, output_type="latent",
+                 generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_allclose(out, again, rtol=1e-5, atol=1e-6)
