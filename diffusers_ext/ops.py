@@ -101,6 +101,64 @@ class GridDepthwiseConv(nn.Module):
         return grid_to_tokens(self.conv(image.to(self.conv.weight.dtype)).to(x.dtype), lead)
 
 
+# =====================================================================================================
+# TTT linearization (T^5; Li, Han et al., "Linearizing Vision Transformer with Test-Time Training").
+# Shapes per head: q, k, v (B, h, N, d); inner weights W1, W2 (h, d, d) (or broadcastable to it).
+#
+#   k <- (k - mean_N k) / sqrt(var_N k + eps)              key_instance_norm   (eps = 1, no affine)
+#   f(x) = SiLU(x W1) W2                                   the per-head inner model
+#   L = s / (2N) sum_i ||f(k_i) - v_i||^2                  its self-supervised loss on the sequence
+#   W' = W - dL/dW                                         ttt_inner_step (one full-batch step, lr 1)
+#   o = SiLU(q W1') W2'                                    ttt_attention = step + read-out
+# =====================================================================================================
+
+def key_instance_norm(k: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Instance norm of keys over the tokens, per channel, no affine: (..., N, d) -> (..., N, d).
+
+    Softmax ignores an offset shared by all keys; the TTT regression does not, so T^5 removes it.
+    Statistics in fp32 (biased variance, as `F.instance_norm`)."""
+    var, mean = torch.var_mean(k.float(), dim=-2, keepdim=True, unbiased=False)
+    return ((k.float() - mean) * torch.rsqrt(var + eps)).to(k.dtype)
+
+
+def silu_derivative(z: torch.Tensor, sig: torch.Tensor | None = None) -> torch.Tensor:
+    """d SiLU(z) / dz = sigmoid(z) (1 + z (1 - sigmoid(z)))."""
+    sig = torch.sigmoid(z) if sig is None else sig
+    return sig * (1.0 + z * (1.0 - sig))
+
+
+def ttt_inner_step(k: torch.Tensor, v: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: float):
+    """One closed-form gradient step (lr 1) of the inner model on L = scale/(2N) sum ||f(k_i) - v_i||^2.
+
+    k, v (B, h, N, d); w1, w2 (h, d, d) -> (W1', W2') each (B, h, d, d):
+
+        z = k W1, a = SiLU(z), e = (a W2 - v) * scale / N
+        G2 = a^T e,  G1 = k^T ((e W2^T) * SiLU'(z)),  W1' = W1 - G1,  W2' = W2 - G2
+    """
+    num_tokens = k.shape[-2]
+    z = k @ w1
+    sig = torch.sigmoid(z)
+    a = z * sig
+    e = (a @ w2 - v) * (scale / num_tokens)
+    grad_w2 = a.transpose(-1, -2) @ e
+    grad_w1 = k.transpose(-1, -2) @ ((e @ w2.transpose(-1, -2)) * silu_derivative(z, sig))
+    return w1 - grad_w1, w2 - grad_w2
+
+
+def ttt_read(q: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The updated inner model applied to the queries: SiLU(q W1') W2'; q (B, h, N, d) -> (B, h, N, d)."""
+    return F.silu(q @ w1) @ w2
+
+
+def ttt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """TTT attention: learn the inner model on (k, v) by one step, read it with q. Linear in N
+    (about 14 N d^2 flops per head against 4 N^2 d for softmax attention); no N x N matrix.
+    q (B, h, N, d); k, v (B, h, M, d); w1, w2 (h, d, d) -> (B, h, N, d). Keys are used as given
+    (normalise them first with `key_instance_norm`)."""
+    w1_new, w2_new = ttt_inner_step(k, v, w1, w2, scale)
+    return ttt_read(q, w1_new, w2_new)
+
 
 # =====================================================================================================
 # Mediator tokens and VCA (DiT / SiT): interpolated position biases, biased two-stage attention,

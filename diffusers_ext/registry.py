@@ -9,6 +9,7 @@
 
         def select_sites(self, sites, options, family): ...       # which sites to replace
         def make_processor(self, site, original, options, state): ...  # the replacement
+        def trainable_parameters(self, denoiser, record, options): ...  # optional: what a fine-tune trains
 
 `Option` validates a user's value and may have a per-family default. Unknown options are an error.
 """
@@ -116,6 +117,20 @@ class Method:
 
     def make_processor(self, site, original, options: dict[str, Any], state):
         raise NotImplementedError
+
+    def trainable_parameters(self, denoiser, record, options: dict[str, Any]) -> dict[str, list]:
+        """What a fine-tune (`diffusers_ext.distill`) may train on a denoiser patched by this method:
+        {"new": parameters the method added, "inherited": pretrained parameters it may adapt}.
+
+        Default: every parameter of the installed processors is new, nothing inherited. A method
+        overrides this to offer e.g. the attention projections of the sites it converted."""
+        modules = dict(denoiser.named_modules())
+        new = []
+        for name in record.sites:
+            processor = modules[name].processor
+            if hasattr(processor, "parameters"):
+                new.extend(processor.parameters())
+        return {"new": new, "inherited": []}
 
     def info(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,210 @@
+"""T^5: attention linearised by test-time training (Li, Han et al., "Linearizing Vision Transformer
+with Test-Time Training"). SD3 / SD3.5 joint attention and DiT self-attention; needs a short
+fine-tune (`diffusers-ext distill`), then `dx.patch(pipe, "t5", weights=FOLDER)`.
+
+Per head, with the inherited projections q, k, v (and the module's q/k RMS norms on SD3.5):
+
+    k <- (k - mean_N k) / sqrt(var_N k + 1)               key instance norm (no affine)
+    q <- q + DWConv3x3(q),  k <- k + DWConv3x3(k)          on the image grid; new, zero-initialised
+    f(x) = SiLU(x W1) W2                                   W1, W2 (d x d) new, init N(0, 0.02^2)
+    W' = W - grad_W  s/(2N) sum_i ||f(k_i) - v_i||^2       one closed-form step (`ops.ttt_inner_step`)
+    o = SiLU(q W1') W2'                                     then the inherited output projection
+
+Cost is linear in the number of tokens. New parameters per converted layer: 2 h d^2 + 2 * 10 C.
+
+Choices (options; measured in docs/t5.md):
+- `text_tokens` (SD3 joint attention): "ttt" - text keys/values join the image tokens in the inner
+  step and text queries read the updated inner model too (everything linear); "softmax" - text
+  keys/values join the inner step for the image queries, but the few text queries keep exact
+  softmax attention over all keys (cost 4 M N d for M ~ 333 text tokens: still linear in N), so
+  the text stream is unchanged at the start. Image and text keys are instance-normalised
+  separately (their projections differ, so do their offsets). The grid convs see image tokens only.
+- `blocks`: which transformer blocks convert ("all" or block indices); `dual_attention`: whether
+  the extra image self-attention (`attn2`) of SD3.5's dual-attention blocks converts too.
+- Start: the convs are zero-initialised (q and k start exactly as inherited); the paper's inner
+  init std 0.02 makes the inner model small, so the converted layer starts near "attention output
+  = output-projection bias"; see docs/t5.md for the measured alternatives.
+Not included: the DiT release's extra 5x5 neighbourhood-softmax branch (NATTEN) and its learned
+q/k rescaling; attention masks fall back to stock attention with a warning (stock SD3 ignores them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffusers_ext.ops import GridDepthwiseConv, key_instance_norm, sdpa, ttt_attention, ttt_inner_step, ttt_read
+from diffusers_ext.processor import (
+    PatchProcessor, compute_dtype, merge_heads, project_kv, project_out, project_q, run_self_attention, split_heads,
+)
+from diffusers_ext.registry import Method, Option, boolean, number, one_of, register_method, schedule
+
+KEY_NORM_EPS = 1.0
+
+
+def _blocks(value):
+    """Option check: "all" or a non-empty sequence of distinct block indices >= 0."""
+    if value == "all":
+        return "all"
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"expected 'all' or a list of block indices, got {value!r}")
+    indices = tuple(value)
+    if not indices or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
+        raise ValueError(f"expected 'all' or a non-empty list of block indices >= 0, got {value!r}")
+    return tuple(sorted(set(indices)))
+
+
+class TTTAttnProcessor(PatchProcessor):
+    """T^5 attention on one SD3 joint-attention or image self-attention layer."""
+
+    def __init__(self, original, site, state, options):
+        super().__init__(original, site, state)
+        attn = site.module
+        self.heads = attn.heads
+        inner_dim = attn.to_q.out_features
+        self.head_dim = inner_dim // attn.heads
+        self.text_tokens = options["text_tokens"]
+        weight = attn.to_q.weight
+        d, h = self.head_dim, self.heads
+        factory = dict(device=weight.device, dtype=weight.dtype)
+        std = options["inner_init_std"]
+        self.w1 = nn.Parameter(nn.init.trunc_normal_(torch.empty(h, d, d), std=std, a=-2 * std, b=2 * std).to(**factory))
+        self.w2 = nn.Parameter(nn.init.trunc_normal_(torch.empty(h, d, d), std=std, a=-2 * std, b=2 * std).to(**factory))
+        zero = options["conv_init"] == "zero"
+        self.q_conv = GridDepthwiseConv(inner_dim, 3, zero_init=zero).to(**factory)
+        self.k_conv = GridDepthwiseConv(inner_dim, 3, zero_init=zero).to(**factory)
+
+    # --- the pieces -----------------------------------------------------------------------------------
+
+    def _grid(self, num_tokens: int) -> tuple[int, int]:
+        grid = self.state.grid(num_tokens)
+        if grid is None:
+            raise ValueError(
+                f"T^5 at {self.site_name}: {num_tokens} image tokens do not form a grid of the "
+                f"{self.state.latent_hw} latent"
+            )
+        return grid
+
+    def _local(self, conv: GridDepthwiseConv, x: torch.Tensor, grid) -> torch.Tensor:
+        """x + DWConv3x3(x) on the grid; x (B, h, N, d)."""
+        return x + split_heads(conv(merge_heads(x), grid), self.heads)
+
+    def _image_qk(self, q, k, grid):
+        """Instance-normalised keys, then the residual grid convs on q and k."""
+        k = key_instance_norm(k, KEY_NORM_EPS)
+        return self._local(self.q_conv, q, grid), self._local(self.k_conv, k, grid)
+
+    def _inner(self, dtype):
+        return self.w1.to(dtype), self.w2.to(dtype)
+
+    # --- forward ---------------------------------------------------------------------------------------
+
+    def patched(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+        if attention_mask is not None:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                 reason="T^5 does not take attention masks")
+        if encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None:
+            return self.joint(attn, hidden_states, encoder_hidden_states)
+        if encoder_hidden_states is not None:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                 reason="T^5 replaces self- or joint attention, got cross-attention")
+        return run_self_attention(attn, hidden_states, temb, lambda x: self.self_attend(attn, x))
+
+    def self_attend(self, attn, x: torch.Tensor) -> torch.Tensor:
+        """Image self-attention: x (B, N, C) on the grid -> (B, N, C_out) after `to_out`."""
+        grid = self._grid(x.shape[1])
+        dtype = compute_dtype(attn, x.dtype)
+        q = project_q(attn, x).to(dtype)
+        k, v = (t.to(dtype) for t in project_kv(attn, x))
+        q, k = self._image_qk(q, k, grid)
+        out = ttt_attention(q, k, v, *self._inner(dtype), attn.scale)
+        return project_out(attn, out, x.dtype)
+
+    def joint(self, attn, x: torch.Tensor, c: torch.Tensor):
+        """SD3 joint attention: image tokens x (B, N, C), text tokens c (B, M, C_text) ->
+        (image output (B, N, C), text output (B, M, C_text) or, with `context_pre_only`, unprojected)."""
+        grid = self._grid(x.shape[1])
+        dtype = compute_dtype(attn, x.dtype)
+        q = project_q(attn, x).to(dtype)
+        k, v = (t.to(dtype) for t in project_kv(attn, x))
+        q_text = split_heads(attn.add_q_proj(c), self.heads)
+        k_text = split_heads(attn.add_k_proj(c), self.heads)
+        v_text = split_heads(attn.add_v_proj(c), self.heads).to(dtype)
+        if attn.norm_added_q is not None:
+            q_text = attn.norm_added_q(q_text)
+        if attn.norm_added_k is not None:
+            k_text = attn.norm_added_k(k_text)
+        q_text, k_text = q_text.to(dtype), k_text.to(dtype)
+
+        q_img, k_img = self._image_qk(q, k, grid)
+        keys = torch.cat([k_img, key_instance_norm(k_text, KEY_NORM_EPS)], dim=2)
+        values = torch.cat([v, v_text], dim=2)
+        w1, w2 = ttt_inner_step(keys, values, *self._inner(dtype), attn.scale)
+        num_image = x.shape[1]
+        if self.text_tokens == "ttt":
+            out = ttt_read(torch.cat([q_img, q_text], dim=2), w1, w2)
+            out_image, out_text = out[:, :, :num_image], out[:, :, num_image:]
+        elif attn.context_pre_only:  # the last block discards its text output: skip the softmax
+            out_image, out_text = ttt_read(q_img, w1, w2), torch.zeros_like(q_text)
+        else:  # exact softmax rows for the text queries over all (inherited, unnormalised) keys
+            out_image = ttt_read(q_img, w1, w2)
+            out_text = sdpa(q_text, torch.cat([k, k_text], dim=2), values, attn.scale)
+
+        out_image = project_out(attn, out_image, x.dtype)
+        out_text = merge_heads(out_text).to(c.dtype)
+        if not attn.context_pre_only:
+            out_text = attn.to_add_out(out_text)
+        return out_image, out_text
+
+
+@register_method
+class T5Method(Method):
+    name = "t5"
+    families = ("sd3", "dit")
+    training_free = False
+    description = ("T^5: attention linearised by one closed-form test-time-training step "
+                   "(SD3/SD3.5 joint attention, DiT self-attention; needs a short fine-tune)")
+    options = (
+        Option("steps", None, "part of the run where the patch acts (fractions or step indices)", schedule("steps")),
+        Option("blocks", "all", "transformer blocks to convert: 'all' or a list of block indices", _blocks),
+        Option("dual_attention", True, "SD3.5: also convert the image self-attention `attn2` of dual-attention blocks",
+               boolean),
+        Option("text_tokens", "softmax",
+               "SD3 text queries: 'softmax' (exact attention over all keys, linear in image tokens) or 'ttt'",
+               one_of("softmax", "ttt")),
+        Option("inner_init_std", 0.02, "init std of the inner weights W1, W2 (paper: 0.02)", number(0.0, 1.0)),
+        Option("conv_init", "zero", "init of the q/k depthwise convs: 'zero' (start as inherited) or torch 'default'",
+               one_of("zero", "default")),
+    )
+
+    def select_sites(self, sites, options, family):
+        roles = {"joint", "self"} if options["dual_attention"] else {"joint"}
+        if family == "dit":
+            roles = {"self"}
+        chosen = [s for s in sites if s.role in roles]
+        blocks = options["blocks"]
+        if blocks != "all":
+            depths = sorted({s.depth for s in chosen})
+            missing = [b for b in blocks if b not in depths]
+            if missing:
+                raise ValueError(f"option `blocks`: no block(s) {missing} with convertible attention; this model "
+                                 f"has blocks {depths[0]}..{depths[-1]}" if depths else "none")
+            chosen = [s for s in chosen if s.depth in blocks]
+        return chosen
+
+    def make_processor(self, site, original, options, state):
+        return TTTAttnProcessor(original, site, state, options)
+
+    def trainable_parameters(self, denoiser, record, options):
+        """New: W1, W2 and the two convs of every converted layer. Inherited: the converted layers'
+        linear projections (to_q/k/v, to_out, and for joint attention add_q/k/v_proj, to_add_out)."""
+        modules = dict(denoiser.named_modules())
+        new, inherited = [], []
+        for name in record.sites:
+            attn = modules[name]
+            new.extend(attn.processor.parameters())
+            for layer in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+                if isinstance(getattr(attn, layer, None), nn.Linear):
+                    inherited.extend(getattr(attn, layer).parameters())
+            inherited.extend(attn.to_out[0].parameters())
+        return {"new": new, "inherited": inherited}
