@@ -185,7 +185,8 @@ class MediatorAttnProcessor(PatchProcessor):
             self.to_tokens_table, self.to_tokens_rows, self.to_tokens_cols = zeros(table, table), zeros(rows), zeros(rows)
             self.to_mediators_table, self.to_mediators_rows, self.to_mediators_cols = (
                 zeros(table, table), zeros(rows), zeros(rows))
-        self.dwc = GridDepthwiseConv(dim, 3) if options["dwc"] else None
+        with torch.random.fork_rng(devices=[]):     # nn.Conv2d's default init draws from the global RNG
+            self.dwc = GridDepthwiseConv(dim, 3) if options["dwc"] else None
         self._zero_cache: dict[str, tuple] = {}
 
     def _is_zero(self, key: str, params) -> bool:

@@ -1,0 +1,110 @@
+"""VCA: math against a dense reference, the start point, options."""
+
+import pytest
+import torch
+
+import diffusers_ext as dx
+from diffusers_ext.ops import pool_on_grid
+from diffusers_ext.processor import split_heads
+from diffusers_ext.testing import tiny_pipeline
+
+
+def _patched(tokens=16):
+    pipe = tiny_pipeline("dit")
+    record = dx.patch(pipe, "vca", tokens=tokens)
+    attn = pipe.transformer.transformer_blocks[1].attn1
+    return pipe, record, attn, attn.processor
+
+
+def _attend(record, attn, proc, x, grid):
+    record.state.latent_hw = (2 * grid[0], 2 * grid[1])
+    with torch.no_grad():
+        return proc.attend(attn, x)
+
+
+def rms(x, w, eps=1e-5):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+
+def dense_vca(attn, proc, x, grid):
+    """METHODS.md section 5 with explicit softmax matrices."""
+    h, s = attn.heads, attn.scale
+    q, k, v = (split_heads(f(x), h) for f in (attn.to_q, attn.to_k, attn.to_v))
+    side = int(proc.num_tokens**0.5)
+    t = pool_on_grid(q, grid, (side, side))
+    tp = t + split_heads(proc.pos_embedding[None], h)
+    tn = t + split_heads(proc.neg_embedding[None], h)
+    lam = []
+    for i in range(2):
+        lq, lk = proc.lambda_q[i], proc.lambda_k[i]
+        lam.append(torch.exp(lq[0] @ lk[0]) - torch.exp(lq[1] @ lk[1]) + proc.lambda_init)
+    soft = lambda a, b: torch.softmax(s * a @ b.transpose(-1, -2), -1)  # noqa: E731
+    vp, vn = soft(tp, k) @ v, soft(tn, k) @ v
+    c = 1 - proc.lambda_init
+    v_hat = c * rms(vp - lam[0] * vn, proc.norm1_weight)
+    o = c * rms((soft(q, tp) - lam[1] * soft(q, tn)) @ v_hat, proc.norm2_weight)
+    conv = proc.dwc.conv
+    image = v.transpose(1, 2).reshape(x.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2)
+    dw = torch.nn.functional.conv2d(image, conv.weight, conv.bias, padding=1, groups=image.shape[1])
+    o = o + split_heads(dw.flatten(2).transpose(1, 2), h)
+    return attn.to_out[0](o.transpose(1, 2).reshape(x.shape[0], -1, h * q.shape[-1]))
+
+
+@pytest.mark.parametrize("grid,tokens", [((8, 8), 16), ((6, 10), 4), ((12, 12), 64)])
+def test_vca_matches_dense_reference(grid, tokens):
+    pipe, record, attn, proc = _patched(tokens)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in proc.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randn(2, grid[0] * grid[1], attn.inner_dim, generator=g)
+    with torch.no_grad():
+        expected = dense_vca(attn, proc, x, grid)
+    torch.testing.assert_close(_attend(record, attn, proc, x, grid), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_start_point_is_lambda_free_and_close_to_pooled_attention():
+    """At init the output does not depend on lambda (e+ = e-), and we measure the distance to the
+    exact attention and to pooled-query agent attention (the RMSNorms rescale every token)."""
+    pipe, record, attn, proc = _patched(16)
+    grid = (8, 8)
+    x = torch.randn(2, 64, attn.inner_dim)
+    out = _attend(record, attn, proc, x, grid)
+    with torch.no_grad():
+        proc.lambda_q.mul_(3.0)
+    torch.testing.assert_close(_attend(record, attn, proc, x, grid), out)
+    assert proc.lambdas()[0].item() != pytest.approx(proc.lambda_init)
+    with torch.no_grad():
+        proc.lambda_q.div_(3.0)
+    assert proc.lambdas()[0].item() == pytest.approx(proc.lambda_init, abs=0.2)
+    assert 0.2 <= proc.lambda_init < 0.8
+
+
+def test_vca_patch_runs_restores_and_checks():
+    pipe = tiny_pipeline("dit")
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    stock = pipe(class_labels=[1, 2], num_inference_steps=2, generator=g(), output_type="np").images
+    state = torch.random.get_rng_state()
+    dx.patch(pipe, "vca", tokens=16)
+    assert torch.equal(state, torch.random.get_rng_state())            # patching leaves the global RNG alone
+    patched = pipe(class_labels=[1, 2], num_inference_steps=2, generator=g(), output_type="np").images
+    assert patched.shape == stock.shape
+    dx.unpatch(pipe)
+    assert (pipe(class_labels=[1, 2], num_inference_steps=2, generator=g(), output_type="np").images == stock).all()
+    with pytest.raises(ValueError, match="perfect square"):
+        dx.patch(pipe, "vca", tokens=10)
+    dx.patch(pipe, "vca", tokens=81)
+    with pytest.raises(ValueError, match="do not fit"):
+        pipe(class_labels=[1], num_inference_steps=1)
+    dx.unpatch(pipe)
+    with pytest.raises(TypeError, match="does not support"):
+        dx.patch(tiny_pipeline("sd"), "vca")
+
+
+def test_vca_gradients_reach_new_parameters():
+    pipe, record, attn, proc = _patched(16)
+    record.state.latent_hw = (16, 16)
+    x = torch.randn(1, 64, attn.inner_dim)
+    proc.attend(attn, x).square().mean().backward()
+    for name in ("pos_embedding", "neg_embedding", "lambda_q", "lambda_k", "norm1_weight", "norm2_weight"):
+        assert getattr(proc, name).grad is not None and getattr(proc, name).grad.abs().sum() > 0, name
