@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = (
     "diffusers_ext.compare",
     "diffusers_ext.eval.cli",
+    "diffusers_ext.distill_cli",
 )
 
 

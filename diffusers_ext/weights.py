@@ -84,6 +84,27 @@ def load_weights(folder: str | Path, denoiser: torch.nn.Module, config: dict[str
         raise ValueError(f"weights in {folder} do not fit this model: {k} is {tuple(tensors[k].shape)} there, "
                          f"{tuple(own[k].shape)} here ({len(mismatched)} such tensors)")
     with torch.no_grad():
+        stash = denoiser.__dict__.setdefault(INHERITED_ORIGINALS, {})
         for name, value in tensors.items():
+            if PROCESSOR_MARK not in name and name not in stash:  # an inherited weight the fine-tune changed
+                stash[name] = own[name].detach().clone()
             own[name].copy_(value.to(own[name].dtype))
     return sorted(tensors)
+
+
+# --- inherited weights: a weights folder may also hold fine-tuned pretrained tensors (e.g. attention
+# projections, under the denoiser's own names). Loading them overwrites the model's values; their
+# originals are kept on the denoiser so that `restore_inherited` can put them back after `unpatch`.
+
+PROCESSOR_MARK = ".processor."
+INHERITED_ORIGINALS = "_diffusers_ext_inherited_originals"
+
+
+def restore_inherited(denoiser: torch.nn.Module) -> list[str]:
+    """Put back the pretrained values of inherited tensors a weights folder overwrote; returns their names."""
+    stash = denoiser.__dict__.pop(INHERITED_ORIGINALS, {})
+    own = denoiser.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, value in stash.items():
+            own[name].copy_(value)
+    return sorted(stash)
