@@ -56,11 +56,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_images_npz(path: str | os.PathLike, chunks, shape: tuple[int, int, int, int]) -> None:
+def write_images_npz(path: str | os.PathLike, chunks, shape: tuple[int, int, int, int], extra=None) -> None:
     """Stream uint8 chunks (n_i, H, W, 3) into an ADM `.npz` (`arr_0`, uint8 `shape`), atomically.
 
-    Same bytes layout as `np.savez(path, arr_0=np.concatenate(chunks))` (stored, not compressed),
-    without holding all images in memory.
+    Same layout as `np.savez(path, arr_0=np.concatenate(chunks), **extra)` (stored, not compressed),
+    without holding all images in memory. `extra`: {name: callable returning an array}, called after
+    the chunks are consumed (e.g. the labels gathered along the way).
     """
     path = Path(path)
     tmp = _temp_path(path)
@@ -77,6 +78,11 @@ def write_images_npz(path: str | os.PathLike, chunks, shape: tuple[int, int, int
                         raise ValueError(f"chunk of shape {chunk.shape} does not fit images of shape {shape[1:]}")
                     f.write(chunk.tobytes())
                     written += len(chunk)
+            if written != shape[0]:
+                raise ValueError(f"expected {shape[0]} images, got {written}")
+            for name, make in (extra or {}).items():
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asarray(make()), allow_pickle=False)
         if written != shape[0]:
             raise ValueError(f"expected {shape[0]} images, got {written}")
         os.replace(tmp, path)
@@ -159,7 +165,7 @@ class ImageSet:
     def batches(self, batch_size: int, workers: int = 4):
         if self.array is not None:
             for i in range(0, len(self.array), batch_size):
-                yield np.asarray(self.array[i:i + batch_size])
+                yield np.array(self.array[i:i + batch_size])  # a writable copy
             return
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for i in range(0, len(self.files), batch_size):

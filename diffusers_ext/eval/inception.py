@@ -22,6 +22,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,9 @@ class InceptionNetwork:
         if not path.is_file():
             raise FileNotFoundError(f"Inception weights file not found: {path}")
         try:
-            self.module = torch.jit.load(str(path), map_location=self.device).eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "torch.jit.load is deprecated" in new torch
+                self.module = torch.jit.load(str(path), map_location=self.device).eval()
         except RuntimeError as err:
             raise OSError(f"{path} is not a TorchScript file of the Inception network ({err})") from err
         self.path = path

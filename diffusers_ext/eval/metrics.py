@@ -121,11 +121,11 @@ def compute_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
-def _warn_few(stats, dim: int, what: str, stacklevel: int = 3) -> None:
-    n = stats.num_samples if isinstance(stats, FIDStatistics) else None
-    if n is not None and n < dim:
+def _warn_few(a: FIDStatistics, b: FIDStatistics, dim: int, what: str, stacklevel: int = 3) -> None:
+    counts = [s.num_samples for s in (a, b) if s.num_samples is not None]
+    if counts and min(counts) < dim:
         warnings.warn(
-            f"{what}: statistics from {n} samples, fewer than the {dim} feature dimensions; the covariance "
+            f"{what}: statistics from {min(counts)} samples, fewer than the {dim} feature dimensions; the covariance "
             "is singular and the value is biased upward (not comparable with FID-50K)",
             FewSamplesWarning, stacklevel=stacklevel,
         )
@@ -140,8 +140,7 @@ def frechet_distance(mu1, sigma1=None, mu2=None, sigma2=None) -> float:
     """
     if isinstance(mu1, FIDStatistics):
         a, b = mu1, sigma1
-        for s in (a, b):
-            _warn_few(s, len(s.mu), "FID")
+        _warn_few(a, b, len(a.mu), "FID")
         return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
     mu1, sigma1 = _check_gaussian(mu1, sigma1, "first statistics")
     mu2, sigma2 = _check_gaussian(mu2, sigma2, "second statistics")
@@ -156,15 +155,14 @@ def frechet_distance(mu1, sigma1=None, mu2=None, sigma2=None) -> float:
     lam = np.clip(np.linalg.eigvalsh(m), 0.0, None)
     diff = mu1 - mu2
     value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.sqrt(lam).sum()
-    return float(value)
+    return max(float(value), 0.0)  # >= 0 in exact arithmetic; round-off can dip to -1e-6
 
 
 def spatial_frechet_distance(a: FIDStatistics, b: FIDStatistics) -> float | None:
     """sFID (Frechet distance of the mixed_6/conv statistics); None when either side lacks them."""
     if a.mu_s is None or b.mu_s is None:
         return None
-    for s in (a, b):
-        _warn_few(s, len(s.mu_s), "sFID")
+    _warn_few(a, b, len(a.mu_s), "sFID")
     return frechet_distance(a.mu_s, a.sigma_s, b.mu_s, b.sigma_s)
 
 
