@@ -108,3 +108,18 @@ def test_vca_gradients_reach_new_parameters():
     proc.attend(attn, x).square().mean().backward()
     for name in ("pos_embedding", "neg_embedding", "lambda_q", "lambda_k", "norm1_weight", "norm2_weight"):
         assert getattr(proc, name).grad is not None and getattr(proc, name).grad.abs().sum() > 0, name
+
+
+def test_calibration_matches_pooled_attention_rms_once_and_spares_trained_gains():
+    pipe, record, attn, proc = _patched(16)
+    x = torch.randn(2, 64, attn.inner_dim)
+    _attend(record, attn, proc, x, (8, 8))
+    gain = proc.norm2_weight.detach().clone()
+    assert not torch.equal(gain, torch.ones_like(gain))
+    _attend(record, attn, proc, torch.randn(2, 64, attn.inner_dim), (8, 8))
+    assert torch.equal(gain, proc.norm2_weight)                            # once only
+    pipe, record, attn, proc = _patched(16)
+    with torch.no_grad():
+        proc.norm2_weight.fill_(0.7)                                      # a trained / loaded gain
+    _attend(record, attn, proc, x, (8, 8))
+    assert torch.all(proc.norm2_weight == 0.7)
