@@ -435,15 +435,15 @@ class Distiller:
         scheduler.set_timesteps(self.config.trajectory_steps)
         batch = self.config.batch_size
         stop = int(torch.randint(0, len(scheduler.timesteps), (1,), generator=generator))
-        x = torch.randn((batch, *self.latent_shape), generator=generator).to(self.device) * scheduler.init_noise_sigma
+        x = torch.randn((batch, *self.latent_shape), generator=generator).to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)
         cond = kwargs
         channels = self.latent_shape[0]
+        scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)  # flow matching has none
         for t in scheduler.timesteps[:stop]:
-            model_in = scheduler.scale_model_input(x, t)
-            out = self.teacher(self._inputs(model_in, t.expand(batch).to(self.device), cond))
+            out = self.teacher(self._inputs(scale(x, t), t.expand(batch).to(self.device), cond))
             x = scheduler.step(out[:, :channels], t, x).prev_sample
         t = scheduler.timesteps[stop]
-        return scheduler.scale_model_input(x, t).cpu(), t.expand(batch).cpu()
+        return scale(x, t).cpu(), t.expand(batch).cpu()
 
     def _inputs(self, sample, timestep, cond) -> dict[str, Any]:
         """Denoiser keyword arguments on the device, floating tensors in the model's dtype."""

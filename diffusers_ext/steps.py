@@ -97,9 +97,6 @@ class StepState:
     latent_hw: tuple[int, int] | None = None
     num_frames: int | None = None
 
-    def __post_init__(self):
-        self.update(timestep=None, step_index=None, num_steps=None, progress=0.0)
-
     def update(self, timestep, step_index, num_steps, progress) -> None:
         self.timestep, self.step_index, self.num_steps, self.progress = timestep, step_index, num_steps, progress
         self.active = {key: s.contains(step_index, progress) for key, s in self.schedules.items()}
@@ -159,6 +156,7 @@ class StepTracker(ModelHook):
         train_steps = train_steps or self.num_train_timesteps
         return None, None, min(max(1.0 - (t + 1.0) / train_steps, 0.0), 1.0)
 
+    @torch.compiler.disable  # plain Python bookkeeping: never traced, so it adds no per-step guards
     def pre_forward(self, module, *args, **kwargs):
         bound = self._signature.bind_partial(*args, **kwargs).arguments
         sample = next(iter(bound.values()), None)

@@ -137,6 +137,9 @@ def tiny_pipeline(family: str = "sd", seed: int = 0, dtype: torch.dtype = torch.
         "sd35": functools.partial(_tiny_sd3, sd35=True), "dit": _tiny_dit, "animatediff": _tiny_animatediff,
     }[family]
     pipe = builder()
+    for component in pipe.components.values():  # as from_pretrained leaves them: no dropout, no label drop
+        if isinstance(component, torch.nn.Module):
+            component.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 

@@ -59,6 +59,7 @@ class AgentAttnProcessor(PatchProcessor):
                                  reason="agent attention does not take attention masks")
         return run_self_attention(attn, hidden_states, temb, lambda x: self.attend(attn, x))
 
+    @torch.compiler.disable  # reads the step: kept out of compiled graphs so steps add no guards
     def _generator(self) -> torch.Generator | None:
         if not self.random_dst:
             return None

@@ -133,7 +133,7 @@ def _load_image(path: str) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+        return np.array(img.convert("RGB"))
 
 
 class ImageSet:

@@ -1,0 +1,241 @@
+"""`diffusers-ext compare`: the stock and the patched pipeline from the same seed, side by side.
+
+    diffusers-ext compare                                  # offline: the embedded tiny SD pipeline, agent
+    diffusers-ext compare --model runwayml/stable-diffusion-v1-5 --method agent --steps 50 \
+        --prompt "a photo of an astronaut riding a horse" --option agent_steps="(0.0, 0.4)"
+
+Prints the denoiser's time per step for both runs and their ratio, the deviation of the patched
+image from the stock one, and writes the two images side by side.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_MODEL = "tiny:sd"
+DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def parse_options(pairs: list[str] | None) -> dict:
+    """["k=v", ...] -> {k: literal_eval(v) or the string v}."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option expects key=value, got {pair!r}")
+        try:
+            options[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value
+    return options
+
+
+class DenoiserTimer:
+    """Wall time of every denoiser forward (synchronised on CUDA)."""
+
+    def __init__(self, denoiser: torch.nn.Module):
+        self.denoiser, self.times, self._start = denoiser, [], None
+        self._handles = [
+            denoiser.register_forward_pre_hook(self._before),
+            denoiser.register_forward_hook(self._after),
+        ]
+
+    def _sync(self):
+        if next(self.denoiser.parameters()).is_cuda:
+            torch.cuda.synchronize()
+
+    def _before(self, module, args):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _after(self, module, args, output):
+        self._sync()
+        self.times.append(time.perf_counter() - self._start)
+
+    def close(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+@dataclass
+class RunResult:
+    label: str
+    seconds_per_step: float
+    total_seconds: float
+    image: np.ndarray  # (H, W, 3) float in [0, 1]; frames side by side for video pipelines
+
+
+def _call_kwargs(pipe, prompt: str, class_label: int, steps: int, guidance: float | None,
+                 height: int | None, width: int | None, seed: int) -> dict:
+    params = inspect.signature(pipe.__call__).parameters
+    kwargs = {"num_inference_steps": steps, "generator": torch.Generator("cpu").manual_seed(seed),
+              "output_type": "np"}
+    if "class_labels" in params:
+        kwargs["class_labels"] = [class_label]
+    else:
+        kwargs["prompt"] = prompt
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    for name, value in (("height", height), ("width", width)):
+        if value is not None:
+            if name not in params:
+                raise ValueError(f"{type(pipe).__name__} does not take --{name}")
+            kwargs[name] = value
+    return kwargs
+
+
+def _image_of(output) -> np.ndarray:
+    if hasattr(output, "images"):
+        return np.asarray(output.images[0])
+    frames = np.asarray(output.frames[0])  # (F, H, W, 3)
+    return np.concatenate(list(frames), axis=1)
+
+
+def run_once(pipe, label: str, kwargs: dict, denoiser: torch.nn.Module) -> RunResult:
+    timer = DenoiserTimer(denoiser)
+    start = time.perf_counter()
+    try:
+        output = pipe(**kwargs)
+    finally:
+        timer.close()
+    total = time.perf_counter() - start
+    return RunResult(label, float(np.mean(timer.times)) if timer.times else float("nan"), total, _image_of(output))
+
+
+def side_by_side(left: RunResult, right: RunResult) -> "PIL.Image.Image":  # noqa: F821
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for result in (left, right):
+        array = (np.clip(result.image, 0, 1) * 255).round().astype(np.uint8)
+        tile = Image.fromarray(array)
+        scale = max(1, 256 // max(tile.height, 1))
+        tile = tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)
+        canvas = Image.new("RGB", (tile.width, tile.height + 22), "white")
+        canvas.paste(tile, (0, 22))
+        ImageDraw.Draw(canvas).text((4, 4), f"{result.label}: {result.seconds_per_step * 1000:.1f} ms/step",
+                                    fill="black")
+        tiles.append(canvas)
+    out = Image.new("RGB", (tiles[0].width + tiles[1].width + 8, max(t.height for t in tiles)), "white")
+    out.paste(tiles[0], (0, 0))
+    out.paste(tiles[1], (tiles[0].width + 8, 0))
+    return out
+
+
+def compare(model: str = DEFAULT_MODEL, method: str = "agent", options: dict | None = None,
+            prompt: str = DEFAULT_PROMPT, class_label: int = 207, steps: int = 20, guidance: float | None = None,
+            height: int | None = None, width: int | None = None, seed: int = 0, out: str | None = None,
+            dtype: str = "auto", device: str = "auto", warmup: bool = True) -> dict:
+    """Generate with the stock and the patched pipeline; returns a summary dict (and writes `out`)."""
+    import diffusers_ext as dx
+    from diffusers_ext.families import find_denoiser
+    from diffusers_ext.loading import load_pipeline
+
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(model, dtype=dtype, device=device)
+    denoiser, _ = find_denoiser(pipe)
+    kwargs = _call_kwargs(pipe, prompt, class_label, steps, guidance, height, width, seed)
+
+    # Validate the patch before spending time on the stock run.
+    dx.patch(pipe, method, **(options or {}))
+    dx.unpatch(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    if warmup:  # one-step runs so one-time costs (allocation, kernel selection) hit neither timing
+        for patched in (False, True):
+            warm = {**kwargs, "num_inference_steps": 1, "generator": torch.Generator("cpu").manual_seed(seed)}
+            with dx.patched(pipe, method, **(options or {})) if patched else _nothing():
+                pipe(**warm)
+    pipe.set_progress_bar_config(disable=False, desc="stock")
+    stock = run_once(pipe, "stock", {**kwargs, "generator": torch.Generator("cpu").manual_seed(seed)}, denoiser)
+    pipe.set_progress_bar_config(disable=False, desc=method)
+    with dx.patched(pipe, method, **(options or {})):
+        fast = run_once(pipe, method, {**kwargs, "generator": torch.Generator("cpu").manual_seed(seed)}, denoiser)
+
+    difference = fast.image.astype(np.float64) - stock.image.astype(np.float64)
+    summary = {
+        "model": model, "pipeline": type(pipe).__name__, "method": method, "options": options or {},
+        "steps": steps, "stock_ms_per_step": stock.seconds_per_step * 1000,
+        "patched_ms_per_step": fast.seconds_per_step * 1000,
+        "speedup": stock.seconds_per_step / fast.seconds_per_step,
+        "image_rel_l2": float(np.linalg.norm(difference) / max(np.linalg.norm(stock.image), 1e-12)),
+        "image_max_abs": float(np.abs(difference).max()),
+        "stock_total_s": stock.total_seconds, "patched_total_s": fast.total_seconds,
+    }
+    if out is not None:
+        side_by_side(stock, fast).save(out)
+        summary["image"] = str(out)
+    return summary
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare", help="stock vs patched pipeline from one seed: time per step, ratio, side-by-side image",
+        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"hub id, local pipeline folder, or tiny:<family> (default {DEFAULT_MODEL}, offline)")
+    parser.add_argument("--method", default="agent", help="method name (see `diffusers-ext methods`)")
+    parser.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, repeatable")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--class-label", type=int, default=207, help="class for class-conditional pipelines")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the one-step warm-up runs")
+    parser.add_argument("--out", default="outputs/compare.png", help="side-by-side image to write")
+    parser.add_argument("--json", dest="json_out", default=None, help="also write the summary as JSON here")
+    parser.set_defaults(func=_main)
+
+    methods = subparsers.add_parser("methods", help="list the methods, their model families and options")
+    methods.set_defaults(func=_list_methods)
+
+
+def _main(args) -> int:
+    summary = compare(
+        args.model, args.method, parse_options(args.option), args.prompt, args.class_label, args.steps,
+        args.guidance_scale, args.height, args.width, args.seed, args.out, args.dtype, args.device, args.warmup,
+    )
+    print(
+        f"{summary['pipeline']} ({summary['model']}), {summary['steps']} steps: "
+        f"stock {summary['stock_ms_per_step']:.1f} ms/step | {summary['method']} "
+        f"{summary['patched_ms_per_step']:.1f} ms/step | speed-up {summary['speedup']:.2f}x | "
+        f"image rel. L2 difference {summary['image_rel_l2']:.4f}"
+    )
+    print(f"side-by-side image: {summary['image']}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return 0
+
+
+def _list_methods(args) -> int:
+    import diffusers_ext as dx
+
+    for info in dx.methods():
+        kind = "training-free" if info["training_free"] else "needs a short fine-tune"
+        print(f"{info['name']}: {info['description']} [{kind}; families: {', '.join(info['families'])}]")
+        for name, option in info["options"].items():
+            print(f"    {name} = {option['default']!r}: {option['doc']}")
+    return 0

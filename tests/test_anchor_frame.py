@@ -1,0 +1,302 @@
+"""FAAC anchor frame: the attention against a dense implementation, the anchor frame against the image
+model, weight zero against stock AnimateDiff, frame consistency, DDIM inversion, ControlNets, export."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import diffusers_ext as dx
+from diffusers_ext.pipelines import animatediff_anchor as faac
+from diffusers_ext.processors.anchor_frame import anchor_frame_attention
+from diffusers_ext.testing import tiny_pipeline
+
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline("animatediff")
+
+
+def _latents(frames=FRAMES, videos=1, seed=0):
+    return torch.randn(videos, 4, frames, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def _embeds(pipe, frames=FRAMES):
+    return pipe.encode_prompt("a face", "cpu", 1, False)[0].repeat_interleave(frames, 0)
+
+
+def _unet(pipe, sample, t=500):
+    with torch.no_grad():
+        return pipe.unet(sample, t, encoder_hidden_states=_embeds(pipe, sample.shape[2])).sample
+
+
+# --- the attention itself ------------------------------------------------------------------------------
+
+def _dense(q, k, v, frames, anchor, scale, mode, weight):
+    """The equations of processors/anchor_frame.py, frame by frame with explicit softmax."""
+    videos = q.shape[0] // frames
+    q, k, v = (t.reshape(videos, frames, *t.shape[1:]) for t in (q, k, v))
+    out = torch.zeros_like(q)
+    for b in range(videos):
+        for f in range(frames):
+            own = torch.softmax(scale * q[b, f] @ k[b, f].transpose(-1, -2), -1) @ v[b, f]
+            from_anchor = torch.softmax(scale * q[b, f] @ k[b, anchor].transpose(-1, -2), -1) @ v[b, anchor]
+            if f == anchor:
+                out[b, f] = from_anchor
+            elif mode == "replace":
+                out[b, f] = (1 - weight) * own + weight * from_anchor
+            else:
+                logits = scale * q[b, f] @ torch.cat([k[b, f], k[b, anchor]], -2).transpose(-1, -2)
+                logits[..., k.shape[-2]:] += np.log(weight) if weight > 0 else -np.inf
+                out[b, f] = torch.softmax(logits, -1) @ torch.cat([v[b, f], v[b, anchor]], -2)
+    return out.reshape(-1, *out.shape[2:])
+
+
+@pytest.mark.parametrize("mode,weight", [("concat", 1.0), ("concat", 0.3), ("concat", 2.5), ("concat", 0.0),
+                                         ("replace", 1.0), ("replace", 0.4), ("replace", 0.0)])
+@pytest.mark.parametrize("anchor", [0, 2, -1])
+def test_attention_matches_dense_equations(mode, weight, anchor):
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2 * FRAMES, 2, 12, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    got = anchor_frame_attention(q, k, v, FRAMES, anchor % FRAMES, 0.35, mode, weight)
+    want = _dense(q, k, v, FRAMES, anchor % FRAMES, 0.35, mode, weight)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_attention_gradients_match_autograd_of_dense():
+    gen = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(FRAMES, 2, 6, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    grads = torch.autograd.grad(anchor_frame_attention(*inputs, FRAMES, 1, 0.5, "concat", 0.7).square().sum(), inputs)
+    dense = torch.autograd.grad(_dense(*inputs, FRAMES, 1, 0.5, "concat", 0.7).square().sum(), inputs)
+    for got, want in zip(grads, dense):
+        torch.testing.assert_close(got, want)
+
+
+# --- the patch on the UNet -----------------------------------------------------------------------------
+
+def test_patch_replaces_spatial_self_attention_only(pipe):
+    record = dx.patch(pipe, "anchor_frame")
+    try:
+        assert record.sites and all(s.endswith("attn1") and ".motion_modules." not in s for s in record.sites)
+        spatial = [n for n, m in pipe.unet.attn_processors.items() if n.endswith("attn1.processor")
+                   and ".motion_modules." not in n]
+        assert len(record.sites) == len(spatial)
+    finally:
+        dx.unpatch(pipe)
+
+
+@pytest.mark.parametrize("mode", ["concat", "replace"])
+def test_weight_zero_attention_equals_stock(pipe, mode):
+    sample = _latents()
+    stock = _unet(pipe, sample)
+    with dx.patched(pipe, "anchor_frame", mode=mode, anchor_weight=0.0, anchor=1):
+        patched = _unet(pipe, sample)
+    torch.testing.assert_close(patched, stock, rtol=1e-5, atol=1e-6)
+    with dx.patched(pipe, "anchor_frame", mode=mode, anchor_weight=1.0):
+        assert not torch.allclose(_unet(pipe, sample), stock, atol=1e-4)
+
+
+@pytest.mark.parametrize("anchor", [0, 2])
+def test_anchor_frame_equals_image_model_alone(pipe, anchor):
+    sample = _latents()
+    image_unet = faac.image_model_unet(pipe.unet)
+    with torch.no_grad():
+        alone = image_unet(sample[:, :, anchor], 500, encoder_hidden_states=_embeds(pipe, 1)).sample
+    with faac.anchor_frame(pipe, anchor=anchor):
+        video = _unet(pipe, sample)
+        other = sample.clone()
+        other[:, :, [f for f in range(FRAMES) if f != anchor]] *= -1.5  # other frames change, anchor must not
+        video_other = _unet(pipe, other)
+    torch.testing.assert_close(video[:, :, anchor], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(video_other[:, :, anchor], alone, rtol=1e-5, atol=1e-5)
+    stock = _unet(pipe, sample)  # stock AnimateDiff mixes the anchor with the other frames
+    assert not torch.allclose(stock[:, :, anchor], alone, atol=1e-3)
+
+
+def test_disable_restores_stock_and_unpatch_makes_hooks_inert(pipe):
+    sample = _latents()
+    stock = _unet(pipe, sample)
+    faac.enable_anchor_frame(pipe)
+    assert not torch.allclose(_unet(pipe, sample), stock)
+    faac.disable_anchor_frame(pipe)
+    assert torch.equal(_unet(pipe, sample), stock)
+    faac.enable_anchor_frame(pipe)
+    dx.unpatch(pipe)  # the motion hooks belong to that patch: without it they do nothing
+    assert torch.equal(_unet(pipe, sample), stock)
+    faac.disable_anchor_frame(pipe)
+    assert not any(m._forward_hooks for m in faac.motion_modules(pipe.unet))
+
+
+def test_bad_input_is_refused(pipe):
+    with pytest.raises(ValueError, match="anchor_weight"):
+        dx.patch(pipe, "anchor_frame", mode="replace", anchor_weight=1.5)
+    with pytest.raises(ValueError, match="mode"):
+        dx.patch(pipe, "anchor_frame", mode="blend")
+    with pytest.raises(TypeError, match="animatediff"):
+        dx.patch(tiny_pipeline("sd"), "anchor_frame")
+    with pytest.raises(TypeError, match="UNetMotionModel"):
+        faac.enable_anchor_frame(tiny_pipeline("sd"))
+    with dx.patched(pipe, "anchor_frame", anchor=7), pytest.raises(ValueError, match="outside a video of 4"):
+        _unet(pipe, _latents())
+    with pytest.raises(ValueError, match="outside a video of 4"):
+        faac.animate(pipe, "a", num_frames=4, anchor=-5)
+    assert dx.patch_record(pipe) is None
+
+
+# --- the whole pipeline ----------------------------------------------------------------------------------
+
+def _run(pipe, frames=FRAMES, steps=2, **kwargs):
+    return faac.animate(pipe, "a face", num_frames=frames, num_inference_steps=steps, guidance_scale=2.0,
+                        output_type="latent", latents=_latents(frames), **kwargs).frames
+
+
+def test_pipeline_with_weight_zero_equals_stock_animatediff(pipe):
+    stock = pipe("a face", num_frames=FRAMES, num_inference_steps=2, guidance_scale=2.0, output_type="latent",
+                 latents=_latents()).frames
+    ours = _run(pipe, anchor_weight=0.0, image_model_anchor=False)
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_run(pipe), stock, atol=1e-3)
+    assert dx.patch_record(pipe) is None  # animate leaves the pipeline stock
+
+
+def test_attention_brings_frames_closer_to_the_anchor():
+    """Mean distance between each frame's spatial self-attention output and the anchor's, over a whole
+    run. Random attention is nearly uniform (an average of V, about the same for every frame), so the
+    test model's queries and keys are shared and sharpened to make attention select similar tokens."""
+    pipe = tiny_pipeline("animatediff", seed=1)
+    layers = [m for n, m in pipe.unet.named_modules() if n.endswith("attn1") and ".motion_modules." not in n]
+    with torch.no_grad():
+        for module in layers:
+            module.to_q.weight.mul_(8.0)
+            module.to_k.weight.copy_(module.to_q.weight)
+    distances = []
+    hooks = [m.register_forward_hook(lambda m, a, out: distances.append(
+        (out.unflatten(0, (-1, FRAMES))[:, 1:] - out.unflatten(0, (-1, FRAMES))[:, :1]).norm(dim=-1).mean())) for m in layers]
+    try:
+        measured = {}
+        for name, options in {"off": dict(anchor_weight=0.0), "concat": {}, "replace": dict(mode="replace")}.items():
+            distances.clear()
+            _run(pipe, **options)
+            measured[name] = torch.stack(distances).mean().item()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert measured["replace"] < measured["concat"] < 0.98 * measured["off"], measured
+
+
+# --- DDIM inversion ---------------------------------------------------------------------------------------
+
+def _photo(size=32):
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    return Image.fromarray((np.stack([yy, xx, 0.5 * (yy + xx)], -1) * 255).astype(np.uint8))
+
+
+def test_inversion_round_trip():
+    """Invert a photo's latent, generate with it as the anchor: the anchor frame comes back.
+
+    A random UNet is no denoiser (its eps changes a lot between neighbouring steps, which DDIM inversion
+    assumes it does not), so its output is scaled down here to make eps smooth, and the schedule is
+    AnimateDiff's; the round trip is then compared with a random start."""
+    from diffusers import DDIMScheduler
+
+    pipe = tiny_pipeline("animatediff")
+    pipe.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False,
+                                   steps_offset=1, set_alpha_to_one=False)
+    with torch.no_grad():
+        pipe.unet.conv_out.weight.mul_(0.05)
+        pipe.unet.conv_out.bias.mul_(0.05)
+    target = faac.encode_image(pipe, _photo())
+
+    def anchor_error(**kwargs):
+        out = faac.animate(pipe, "a face", num_frames=2, num_inference_steps=6, guidance_scale=1.0,
+                           latents=_latents(2), output_type="latent", **kwargs).frames
+        return ((out[:, :, 0] - target).norm() / target.norm()).item()
+
+    random_start = anchor_error()
+    inverted = anchor_error(image=_photo())
+    refined = anchor_error(image=_photo(), inversion_refine_steps=2)
+    assert inverted < 0.02 * random_start, (inverted, random_start)
+    assert refined < 0.7 * inverted, (refined, inverted)
+
+
+def test_inversion_needs_ddim(pipe):
+    from diffusers import EulerDiscreteScheduler
+
+    other = tiny_pipeline("animatediff")
+    other.scheduler = EulerDiscreteScheduler.from_config(other.scheduler.config)
+    with pytest.raises(TypeError, match="DDIMScheduler"):
+        faac.invert(other, _photo())
+
+
+# --- ControlNet / SparseControlNet --------------------------------------------------------------------------
+
+def _controlnet_pipeline(kind):
+    from diffusers import (AnimateDiffControlNetPipeline, AnimateDiffSparseControlNetPipeline, ControlNetModel,
+                           SparseControlNetModel)
+
+    base = tiny_pipeline("animatediff")
+    torch.manual_seed(3)
+    model = ControlNetModel if kind == "controlnet" else SparseControlNetModel
+    controlnet = model.from_unet(faac.image_model_unet(base.unet), conditioning_embedding_out_channels=(8, 8))
+    cls = AnimateDiffControlNetPipeline if kind == "controlnet" else AnimateDiffSparseControlNetPipeline
+    pipe = cls(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+               motion_adapter=base.motion_adapter, controlnet=controlnet, scheduler=base.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, base
+
+
+@pytest.mark.parametrize("kind", ["controlnet", "sparse"])
+def test_controlnet_runs_and_keeps_the_anchor(kind):
+    pipe, base = _controlnet_pipeline(kind)
+    rng = np.random.default_rng(0)
+    conditions = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(FRAMES)]
+    extra = {"controlnet_frame_indices": [0, 2]} if kind == "sparse" else {}
+    if kind == "sparse":
+        conditions = conditions[:2]
+
+    def run(conds, **options):
+        return faac.animate(pipe, "a face", num_frames=FRAMES, num_inference_steps=2, guidance_scale=1.0,
+                            latents=_latents(), output_type="latent", conditioning_frames=conds,
+                            **extra, **options).frames
+
+    controlled = run(conditions)
+    image_only = faac.animate(base, "a face", num_frames=FRAMES, num_inference_steps=2, guidance_scale=1.0,
+                              latents=_latents(), output_type="latent").frames
+    # the anchor is the image model alone; the control steers the other frames
+    torch.testing.assert_close(controlled[:, :, 0], image_only[:, :, 0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(controlled[:, :, 1:], image_only[:, :, 1:], atol=1e-4)
+    controlled_anchor = run(conditions, control_anchor=True)
+    assert not torch.allclose(controlled_anchor[:, :, 0], image_only[:, :, 0], atol=1e-4)
+
+
+# --- export and the training loss --------------------------------------------------------------------------
+
+def test_save_gif_and_errors(tmp_path):
+    frames = [_photo(), np.zeros((32, 32, 3), np.float32), torch.ones(3, 32, 32)]
+    path = faac.save_video(frames, tmp_path / "clip.gif", fps=4)
+    with Image.open(path) as gif:
+        assert gif.n_frames == 3 and gif.size == (32, 32)
+    with pytest.raises(ValueError, match="format"):
+        faac.save_video(frames, tmp_path / "clip.avi")
+    import importlib.util
+
+    if importlib.util.find_spec("imageio") is None and importlib.util.find_spec("cv2") is None:
+        with pytest.raises(ImportError, match="imageio"):
+            faac.save_video(frames, tmp_path / "clip.mp4")
+
+
+def test_animate_writes_gif(pipe, tmp_path):
+    faac.animate(pipe, "a face", num_frames=3, num_inference_steps=1, latents=_latents(3),
+                 output=tmp_path / "out.gif")
+    with Image.open(tmp_path / "out.gif") as gif:
+        assert gif.n_frames == 3
+
+
+def test_non_anchor_loss_ignores_the_anchor():
+    prediction, target = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 4, 3, 8, 8)
+    changed = prediction.clone()
+    changed[:, :, 1] += 5.0
+    assert faac.non_anchor_loss(prediction, target, anchor=1) == faac.non_anchor_loss(changed, target, anchor=1)
+    assert faac.non_anchor_loss(prediction, target, anchor=0) != faac.non_anchor_loss(changed, target, anchor=0)

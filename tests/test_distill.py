@@ -1,0 +1,171 @@
+"""The distillation trainer (diffusers_ext/distill.py) on tiny models, with T^5 as the method."""
+
+import json
+
+import pytest
+import torch
+
+import diffusers_ext as dx
+from diffusers_ext.distill import ClassConditions, DistillConfig, Distiller, Noising, teacher_mode
+from diffusers_ext.testing import tiny_pipeline
+
+PROMPTS = ["a cat", "a dog on a hill", "a red car at night"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (10-100x faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), max_steps=60, lr=3e-2, batch_size=2, progress=False)
+    return DistillConfig(**{**base, **kw})
+
+
+def test_distillation_cuts_deviation_dit(tmp_path):
+    pipe = tiny_pipeline("dit")
+    result = Distiller(pipe, "t5", _config(tmp_path)).train()
+    assert result.steps == 60 and len(result.losses) == 60
+    assert result.deviation_before / result.deviation_after >= 2.0, (result.deviation_before, result.deviation_after)
+    # the saved folder holds only the new tensors and reproduces the trained model in a fresh patch
+    from safetensors.torch import load_file
+
+    names = load_file(str(tmp_path / "out" / "diffusers_ext_weights.safetensors"))
+    assert names and all(".processor." in n for n in names)
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([100, 800]), torch.tensor([3, 1000])
+    with torch.no_grad():
+        trained = pipe.transformer(x, timestep=t, class_labels=y).sample
+        dx.unpatch(pipe)
+        dx.patch(pipe, "t5", weights=str(tmp_path / "out"))
+        torch.testing.assert_close(pipe.transformer(x, timestep=t, class_labels=y).sample, trained)
+
+
+def test_distillation_cuts_deviation_sd35_joint(tmp_path):
+    pipe = tiny_pipeline("sd35")
+    distiller = Distiller(pipe, "t5", _config(tmp_path, prompts=PROMPTS), latent_size=8)
+    result = distiller.train()
+    assert result.deviation_before / result.deviation_after >= 2.0, (result.deviation_before, result.deviation_after)
+    config = json.loads((tmp_path / "out" / "diffusers_ext_config.json").read_text())
+    assert config["method"] == "t5" and config["options"]["text_tokens"] == "softmax"
+
+
+def test_teacher_is_the_stock_model_on_shared_weights(tmp_path):
+    pipe = tiny_pipeline("sd35")
+    inputs_model = pipe.transformer
+    distiller = Distiller(pipe, "t5", _config(tmp_path, prompts=PROMPTS), latent_size=8)
+    inputs = distiller.sample_batch(0)
+    assert set(inputs) >= {"hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"}
+    teacher = distiller.teacher(inputs)
+    record = dx.patch_record(pipe)
+    with torch.no_grad():
+        student = inputs_model(**inputs).sample
+        dx.unpatch(pipe)
+        stock = inputs_model(**inputs).sample
+    assert torch.equal(teacher, stock) and not torch.equal(student, stock)
+    assert isinstance(record.originals, dict)
+
+
+def test_inherited_weights_train_and_teacher_keeps_pretrained(tmp_path):
+    pipe = tiny_pipeline("dit")
+    q = pipe.transformer.transformer_blocks[0].attn1.to_q.weight
+    before = q.detach().clone()
+    distiller = Distiller(pipe, "t5", _config(tmp_path, max_steps=3, inherited_lr=1e-2))
+    inputs = distiller.sample_batch(0)
+    teacher_before = distiller.teacher(inputs)
+    distiller.train(evaluate=False)
+    assert not torch.equal(q.detach(), before)                      # the projection trained
+    torch.testing.assert_close(distiller.teacher(inputs), teacher_before)  # the teacher did not move
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "out" / "diffusers_ext_weights.safetensors"))
+    assert "transformer_blocks.0.attn1.to_q.weight" in saved
+    with teacher_mode(pipe.transformer, dx.patch_record(pipe)):
+        assert type(pipe.transformer.transformer_blocks[0].attn1.processor).__name__ != "TTTAttnProcessor"
+    assert type(pipe.transformer.transformer_blocks[0].attn1.processor).__name__ == "TTTAttnProcessor"
+
+
+def test_checkpoint_resume_equals_uninterrupted(tmp_path):
+    straight = Distiller(tiny_pipeline("dit"), "t5", _config(tmp_path / "a", max_steps=6))
+    straight.train(evaluate=False)
+
+    first = Distiller(tiny_pipeline("dit"), "t5", _config(tmp_path / "b", max_steps=4, checkpoint_every=2))
+    first.train(evaluate=False)
+    assert sorted(p.name for p in (tmp_path / "b" / "out").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    resumed = Distiller(tiny_pipeline("dit"), "t5", _config(tmp_path / "b", max_steps=6, resume="latest"))
+    result = resumed.train(evaluate=False)
+    assert result.steps == 6 and len(result.losses) == 2
+    for name, value in straight.trained_tensors().items():
+        torch.testing.assert_close(resumed.trained_tensors()[name], value, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_and_bf16_run(tmp_path):
+    distiller = Distiller(tiny_pipeline("dit"), "t5",
+                          _config(tmp_path, max_steps=2, gradient_accumulation_steps=2, mixed_precision="bf16"))
+    result = distiller.train(evaluate=False)
+    assert result.steps == 2 and len(result.losses) == 4 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_noising_formulas():
+    flow = Noising(tiny_pipeline("sd3").scheduler)
+    assert flow.kind == "flow" and flow.shift == 3.0
+    x0 = torch.zeros(4, 1, 2, 2)
+    xt, t = flow.add_noise(x0, torch.Generator().manual_seed(0))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    sigma = (t / 1000).view(4, 1, 1, 1)
+    torch.testing.assert_close(xt, sigma * noise)
+    ddpm = Noising(tiny_pipeline("dit").scheduler)
+    x0 = torch.ones(3, 1, 2, 2)
+    xt, t = ddpm.add_noise(x0, torch.Generator().manual_seed(1))
+    abar = ddpm.alphas_cumprod[t].float().view(3, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(xt, abar.sqrt() + (1 - abar).sqrt() * noise)
+
+
+def test_conditions_and_errors(tmp_path):
+    pipe = tiny_pipeline("dit")
+    cond = ClassConditions.for_model(pipe.transformer, labels=[3, 4], uncond_prob=0.5)
+    labels = cond.sample(64, torch.Generator().manual_seed(0))["class_labels"]
+    assert set(labels.tolist()) == {3, 4, 1000}
+    with pytest.raises(ValueError, match="needs prompts"):
+        Distiller(tiny_pipeline("sd3"), "t5", _config(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        Distiller(tiny_pipeline("sd3"), "t5", _config(tmp_path, prompts=str(tmp_path / "missing.txt")))
+    with pytest.raises(ValueError, match="latents"):
+        _config(tmp_path, latents="nowhere")
+    with pytest.raises(ValueError, match="class labels"):
+        ClassConditions(10, labels=[12])
+
+
+def test_trajectory_latents_and_prompt_file(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n\na tree\n")
+    pipe = tiny_pipeline("sd3")
+    distiller = Distiller(pipe, "t5", _config(tmp_path, prompts=str(tmp_path / "prompts.txt"), latents="trajectory",
+                                              trajectory_steps=4), latent_size=8)
+    assert distiller.conditions.prompts == ["a cat", "a tree"]
+    inputs = distiller.sample_batch(3)
+    assert inputs["hidden_states"].shape == (2, 4, 8, 8)
+    assert float(inputs["timestep"][0]) in [float(t) for t in _timesteps(pipe, 4)]
+
+
+def _timesteps(pipe, n):
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(n)
+    return scheduler.timesteps
+
+
+def test_cli_distill_then_patch(tmp_path, capsys):
+    from diffusers_ext.cli import main
+
+    out = tmp_path / "cli"
+    code = main(["distill", "tiny:dit", "t5", "--output-dir", str(out), "--max-steps", "2", "--batch-size", "1",
+                 "--no-progress", "--cpu", "--option", "blocks=[1]"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["deviation_after"] is not None
+    pipe = tiny_pipeline("dit")
+    record = dx.patch(pipe, "t5", weights=str(out))
+    assert record.sites == ["transformer_blocks.1.attn1"] and record.options["blocks"] == (1,)

@@ -1,0 +1,112 @@
+"""npz I/O (memory-mapped reads, streamed atomic writes), input detection and the feature cache."""
+
+import zipfile
+
+import numpy as np
+import pytest
+
+from diffusers_ext.eval.data import EvalInput, FeatureCache, ImageSet, npz_array, write_images_npz
+from diffusers_ext.eval.scoring import Extractor
+
+
+def _images(n, h=8, w=6, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def test_npz_member_is_memory_mapped_when_stored(tmp_path):
+    x = _images(5)
+    np.savez(tmp_path / "a.npz", arr_0=x, arr_1=np.arange(5))
+    np.savez_compressed(tmp_path / "b.npz", arr_0=x)
+    a, b = npz_array(tmp_path / "a.npz", "arr_0"), npz_array(tmp_path / "b.npz", "arr_0")
+    assert isinstance(a, np.memmap) and not isinstance(b, np.memmap)
+    np.testing.assert_array_equal(a, x)
+    np.testing.assert_array_equal(b, x)
+    np.testing.assert_array_equal(npz_array(tmp_path / "a.npz", "arr_1"), np.arange(5))
+
+
+def test_streamed_npz_equals_np_savez(tmp_path):
+    x, labels = _images(7), np.arange(7) * 3
+    write_images_npz(tmp_path / "s.npz", [x[:3], x[3:5], x[5:]], x.shape, extra={"arr_1": lambda: labels})
+    with np.load(tmp_path / "s.npz") as data:
+        assert data.files == ["arr_0", "arr_1"]
+        np.testing.assert_array_equal(data["arr_0"], x)
+        np.testing.assert_array_equal(data["arr_1"], labels)
+
+
+def test_streamed_npz_never_leaves_a_half_written_file(tmp_path):
+    x = _images(4)
+
+    def chunks():
+        yield x[:2]
+        raise KeyboardInterrupt  # killed while merging
+
+    with pytest.raises(KeyboardInterrupt):
+        write_images_npz(tmp_path / "s.npz", chunks(), x.shape)
+    with pytest.raises(ValueError, match="expected 4 images, got 2"):
+        write_images_npz(tmp_path / "s.npz", [x[:2]], x.shape)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inputs_are_detected_and_bad_ones_explained(tmp_path):
+    x = _images(3)
+    np.savez(tmp_path / "imgs.npz", arr_0=x)
+    inp = EvalInput(tmp_path / "imgs.npz")
+    assert inp.stats is None and len(inp.images) == 3
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        EvalInput(tmp_path / "nope.npz")
+    np.savez(tmp_path / "other.npz", foo=np.zeros(3))
+    with pytest.raises(ValueError, match="needs 'arr_0'"):
+        EvalInput(tmp_path / "other.npz")
+    np.savez(tmp_path / "float.npz", arr_0=x.astype(np.float32))
+    with pytest.raises(ValueError, match="must be uint8"):
+        EvalInput(tmp_path / "float.npz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        EvalInput(tmp_path / "empty")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(ValueError, match="not an .npz"):
+        EvalInput(tmp_path / "text.npz")
+
+
+def test_folder_images_read_in_path_order_and_mixed_sizes(tmp_path):
+    from PIL import Image
+
+    x = _images(3, 10, 12)
+    for i in (2, 0, 1):
+        Image.fromarray(x[i]).save(tmp_path / f"{i:03d}.png")
+    batches = list(ImageSet(tmp_path).batches(2))
+    np.testing.assert_array_equal(np.concatenate(batches), x)
+    Image.fromarray(_images(1, 20, 20)[0]).save(tmp_path / "003.png")
+    mixed = list(ImageSet(tmp_path).batches(4))
+    assert mixed[0].shape == (4, 299, 299, 3) and mixed[0].dtype == np.float32
+
+
+class _CountingNetwork:
+    id = "fake-net/v1"
+    sha1 = "0"
+    path = "fake"
+    calls = 0
+
+    def __call__(self, batch):
+        import torch
+
+        type(self).calls += 1
+        flat = torch.as_tensor(batch).float().reshape(len(batch), -1)
+        return {"pool": flat[:, :4], "spatial": flat[:, 4:7]}
+
+
+def test_feature_cache_is_keyed_by_content(tmp_path):
+    ext = Extractor(cache_dir=tmp_path / "cache", progress=False)
+    ext._network = _CountingNetwork()
+    np.savez(tmp_path / "a.npz", arr_0=_images(6))
+    first = ext.features(EvalInput(tmp_path / "a.npz"))
+    calls = _CountingNetwork.calls
+    again = ext.features(EvalInput(tmp_path / "a.npz"))
+    assert _CountingNetwork.calls == calls  # served from the cache
+    np.testing.assert_array_equal(first["pool"], again["pool"])
+    np.savez(tmp_path / "a.npz", arr_0=_images(6, seed=1))  # same name, new content
+    changed = ext.features(EvalInput(tmp_path / "a.npz"))
+    assert _CountingNetwork.calls > calls and not np.array_equal(changed["pool"], first["pool"])
+    assert FeatureCache(tmp_path / "cache").dir.is_dir()
+    with zipfile.ZipFile(next((tmp_path / "cache").glob("features-*.npz"))) as zf:
+        assert set(zf.namelist()) == {"pool.npy", "spatial.npy"}

