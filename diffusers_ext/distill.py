@@ -501,7 +501,9 @@ class Distiller:
         bar = tqdm(total=config.max_steps, initial=self.step, desc=f"distill {self.record.method}",
                    disable=not (config.progress and accelerator.is_local_main_process))
         trained = list(self.trained_names.values())
-        self.model.train()
+        # eval mode throughout: teacher and student must compute the same function of the same inputs
+        # (no dropout; no random label dropout in DiT's class embedder, drawn from the global RNG)
+        self.denoiser.eval()
         micro = 0
         while self.step < config.max_steps:
             with accelerator.accumulate(self.model):
@@ -522,7 +524,6 @@ class Distiller:
                 if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                     self.save_checkpoint()
         bar.close()
-        self.model.eval()
         result.steps = self.step
         if evaluate:
             result.deviation_after = self.evaluate()

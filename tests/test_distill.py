@@ -13,11 +13,16 @@ PROMPTS = ["a cat", "a dog on a hill", "a red car at night"]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (10-100x faster)."""
+def isolated():
+    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (10-100x faster).
+    accelerate's process state is a singleton: reset it so each test picks its own precision."""
+    from accelerate.state import AcceleratorState
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
     yield
+    AcceleratorState._reset_state(True)
     torch.set_num_threads(threads)
 
 
