@@ -57,6 +57,8 @@ class AgentAttnProcessor(PatchProcessor):
         if attention_mask is not None:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
                                  reason="agent attention does not take attention masks")
+        if self.merge_ratio == 0 and not self.state.active.get("agent_steps", True):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)  # exact stock
         return run_self_attention(attn, hidden_states, temb, lambda x: self.attend(attn, x))
 
     @torch.compiler.disable  # reads the step: kept out of compiled graphs so steps add no guards

@@ -209,16 +209,14 @@ def test_inversion_round_trip():
         pipe.unet.conv_out.bias.mul_(0.05)
     target = faac.encode_image(pipe, _photo())
 
-    def anchor_error(**kwargs):
-        out = faac.animate(pipe, "a face", num_frames=2, num_inference_steps=6, guidance_scale=1.0,
+    def anchor_error(**kwargs):  # the anchor is the last of two frames: the inverted noise goes to its slot
+        out = faac.animate(pipe, "a face", num_frames=2, num_inference_steps=4, guidance_scale=1.0, anchor=-1,
                            latents=_latents(2), output_type="latent", **kwargs).frames
-        return ((out[:, :, 0] - target).norm() / target.norm()).item()
+        return ((out[:, :, 1] - target).norm() / target.norm()).item()
 
     random_start = anchor_error()
     inverted = anchor_error(image=_photo())
-    refined = anchor_error(image=_photo(), inversion_refine_steps=2)
     assert inverted < 0.02 * random_start, (inverted, random_start)
-    assert refined < 0.7 * inverted, (refined, inverted)
 
 
 def test_inversion_needs_ddim(pipe):
@@ -240,6 +238,10 @@ def _controlnet_pipeline(kind):
     torch.manual_seed(3)
     model = ControlNetModel if kind == "controlnet" else SparseControlNetModel
     controlnet = model.from_unet(faac.image_model_unet(base.unet), conditioning_embedding_out_channels=(8, 8))
+    with torch.no_grad():  # a fresh ControlNet's zero convs give zero residuals: make them random
+        for parameter in controlnet.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, 0.1)
     cls = AnimateDiffControlNetPipeline if kind == "controlnet" else AnimateDiffSparseControlNetPipeline
     pipe = cls(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
                motion_adapter=base.motion_adapter, controlnet=controlnet, scheduler=base.scheduler)
