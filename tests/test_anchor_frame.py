@@ -237,7 +237,8 @@ def _controlnet_pipeline(kind):
     base = tiny_pipeline("animatediff")
     torch.manual_seed(3)
     model = ControlNetModel if kind == "controlnet" else SparseControlNetModel
-    controlnet = model.from_unet(faac.image_model_unet(base.unet), conditioning_embedding_out_channels=(8, 8))
+    extra = {} if kind == "controlnet" else {"conditioning_channels": 4}  # SparseCtrl conditions on VAE latents
+    controlnet = model.from_unet(faac.image_model_unet(base.unet), conditioning_embedding_out_channels=(8, 8), **extra)
     with torch.no_grad():  # a fresh ControlNet's zero convs give zero residuals: make them random
         for parameter in controlnet.parameters():
             if not parameter.any():
