@@ -37,6 +37,7 @@ SD35_MEDIUM = dict(
     pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
 )
 TEXT_TOKENS = 333  # 77 CLIP + 256 T5 tokens
+WARMUP = 1 if torch.cuda.is_available() else 0  # the CPU has no kernels to warm up; a 2048^2 pass is minutes
 VARIANTS = {"stock": None, "t5": {"text_tokens": "softmax"}, "t5-text-ttt": {"text_tokens": "ttt"}}
 
 
@@ -85,15 +86,15 @@ def child_step(variant: str, resolution: int, layers: int, dtype: torch.dtype, d
         torch.cuda.reset_peak_memory_stats()
     totals = []
     with torch.no_grad():
-        for r in range(repeats + 1):
+        for r in range(repeats + WARMUP):
             _sync(device)
             start = time.perf_counter()
             model(x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t)
             _sync(device)
             totals.append(time.perf_counter() - start)
-            if r == 0:
-                block_times.clear()  # warm-up
-    totals = totals[1:]
+            if r < WARMUP:
+                block_times.clear()
+    totals = totals[WARMUP:]
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     blocks = {i: statistics.median(v) for i, v in block_times.items()}
@@ -130,13 +131,13 @@ def child_core(num_tokens: int, heads: int, dtype: torch.dtype, device: torch.de
     with torch.no_grad():
         for name, fn in (("sdpa", soft), ("t5", t5)):
             times = []
-            for r in range(repeats + 1):
+            for r in range(repeats + WARMUP):
                 _sync(device)
                 start = time.perf_counter()
                 fn()
                 _sync(device)
                 times.append(time.perf_counter() - start)
-            out[name] = statistics.median(times[1:])
+            out[name] = statistics.median(times[WARMUP:])
     return out
 
 
@@ -155,6 +156,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--core-tokens", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     parser.add_argument("--core-heads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: on a shared machine more threads made timings erratic)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
@@ -164,6 +167,8 @@ def main():
     layers = args.layers or (24 if cuda else 2)
     repeats = args.repeats or (10 if cuda else 1)
     heads = args.core_heads or (24 if cuda else 2)
+    if not cuda:
+        torch.set_num_threads(args.threads)
 
     if args.child:
         kind, *rest = args.child
@@ -174,7 +179,7 @@ def main():
         print(json.dumps(result))
         return
 
-    common = ["--layers", str(layers), "--dtype", str(dtype).replace("torch.", ""), "--repeats", str(repeats),
+    common = ["--threads", str(args.threads), "--layers", str(layers), "--dtype", str(dtype).replace("torch.", ""), "--repeats", str(repeats),
               "--core-heads", str(heads)]
     lines = [
         "# T^5 speed: SD3.5-medium transformer (random weights)", "",
@@ -182,7 +187,7 @@ def main():
         f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
         f"{torch.cuda.get_device_name() if cuda else 'CPU only'}, torch {torch.__version__}, threads "
         f"{torch.get_num_threads()}, dtype {dtype}, batch 1, {TEXT_TOKENS} text tokens, "
-        f"median of {repeats} after 1 warm-up; other jobs shared the machine, so compare ratios within this run.", "",
+        f"median of {repeats} after {WARMUP} warm-up; other jobs shared the machine, so compare ratios within this run.", "",
         f"## One denoising step (transformer forward), {layers} blocks measured", "",
     ]
     if layers < 24:
