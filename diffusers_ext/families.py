@@ -187,3 +187,8 @@ def describe_sites(sites: list[AttentionSite]) -> str:
         where = f" at downsampling {', '.join(str(2**lv) for lv in levels)}" if levels else ""
         parts.append(f"{len(chosen)} {role}-attention layers{where}")
     return "its attention: " + ("; ".join(parts) if parts else "none")
+
+
+def unet_self_attention(sites: list[AttentionSite], max_downsample: int) -> list[AttentionSite]:
+    """UNet image self-attention sites at downsampling <= `max_downsample` (ToMe's convention)."""
+    return [s for s in sites if s.role == "self" and s.level is not None and 2**s.level <= max_downsample]

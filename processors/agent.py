@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from diffusers_ext.merge import match_on_grid
+from diffusers_ext.families import unet_self_attention
 from diffusers_ext.ops import agent_attention, pool_on_grid, sdpa
 from diffusers_ext.processor import PatchProcessor, compute_dtype, project_kv, project_out, project_q, run_self_attention
 from diffusers_ext.registry import Method, Option, boolean, number, one_of, register_method, schedule
@@ -135,8 +136,7 @@ class AgentMethod(Method):
                              f"with agent_stride {options['agent_stride']} ({stride_cells:.3f})")
 
     def select_sites(self, sites, options, family):
-        limit = options["max_downsample"]
-        return [s for s in sites if s.role == "self" and s.level is not None and 2**s.level <= limit]
+        return unet_self_attention(sites, options["max_downsample"])
 
     def make_processor(self, site, original, options, state):
         return AgentAttnProcessor(original, site, state, options)

@@ -276,3 +276,30 @@ def test_option_errors():
                 dict(max_downsample=3), dict(agent_stride=2, merge_ratio=0.75 + 0.01)]:
         with pytest.raises(ValueError):
             get_method("agent").resolve_options("sd", bad)
+
+
+# --- ToDo (the peer in processors/todo.py) --------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["nearest", "avg"])
+def test_todo_matches_dense_downsampled_attention(mode):
+    torch.manual_seed(6)
+    attn, site = _site()
+    method = get_method("todo")
+    options = method.resolve_options("sd", {"factor": 2, "mode": mode})
+    state = StepState(schedules={"steps": Schedule()})
+    state.latent_hw = (8, 6)
+    state.update(999.0, 0, 10, 0.0)
+    attn.set_processor(method.make_processor(site, attn.processor, options, state))
+    x = torch.randn(2, 48, 32)
+    with torch.no_grad():
+        out = attn(x)
+        image = x.view(2, 8, 6, 32)
+        if mode == "nearest":
+            small = image[:, ::2, ::2]
+        else:
+            small = image.view(2, 4, 2, 3, 2, 32).mean(dim=(2, 4))
+        small = small.reshape(2, 12, 32)
+        split = lambda z: z.view(2, -1, 4, 8).transpose(1, 2)  # noqa: E731
+        o = softmax_attention(split(attn.to_q(x)), split(attn.to_k(small)), split(attn.to_v(small)), 8**-0.5)
+        expected = attn.to_out[0](o.transpose(1, 2).reshape(2, 48, 32))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
