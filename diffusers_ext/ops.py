@@ -90,11 +90,15 @@ class GridDepthwiseConv(nn.Module):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-        self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=bias)
-        if zero_init:
+        conv = lambda device: nn.Conv2d(  # noqa: E731
+            channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=bias, device=device)
+        if zero_init:  # built on the meta device: its random init would otherwise advance the global RNG
+            self.conv = conv("meta").to_empty(device="cpu")
             nn.init.zeros_(self.conv.weight)
             if bias:
                 nn.init.zeros_(self.conv.bias)
+        else:
+            self.conv = conv(None)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         image, lead = tokens_to_grid(x, grid)

@@ -109,6 +109,7 @@ def patch(pipe_or_model, method: str, *, weights: str | None = None, **options) 
         site.module.set_processor(processor)
     attach_step_tracker(denoiser, state, pipeline)
     setattr(denoiser, RECORD_ATTRIBUTE, record)
+    spec.attach(denoiser, record)
     if config is not None:
         from .weights import load_weights
 
@@ -128,6 +129,7 @@ def unpatch(pipe_or_model, missing_ok: bool = False) -> None:
         if missing_ok:
             return
         raise ValueError(f"{type(denoiser).__name__} is not patched by diffusers_ext")
+    get_method(record.method).detach(denoiser, record)
     modules = dict(denoiser.named_modules())
     for name, original in record.originals.items():
         modules[name].set_processor(original)

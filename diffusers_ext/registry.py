@@ -10,6 +10,7 @@
         def select_sites(self, sites, options, family): ...       # which sites to replace
         def make_processor(self, site, original, options, state): ...  # the replacement
         def trainable_parameters(self, denoiser, record, options): ...  # optional: what a fine-tune trains
+        def attach(self, denoiser, record) / detach(...): ...           # optional: per-patch resources
 
 `Option` validates a user's value and may have a per-family default. Unknown options are an error.
 """
@@ -117,6 +118,13 @@ class Method:
 
     def make_processor(self, site, original, options: dict[str, Any], state):
         raise NotImplementedError
+
+    def attach(self, denoiser, record) -> None:
+        """Called once the processors are installed: per-patch resources that need the denoiser
+        (e.g. a hook reading its input). Undo them in `detach`."""
+
+    def detach(self, denoiser, record) -> None:
+        """Called by `unpatch` before the original processors are restored."""
 
     def trainable_parameters(self, denoiser, record, options: dict[str, Any]) -> dict[str, list]:
         """What a fine-tune (`diffusers_ext.distill`) may train on a denoiser patched by this method:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import sys
 import weakref
 
 import torch
@@ -111,6 +110,11 @@ class MediatorCounts:
         self._handle = denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True)
         weakref.finalize(self, self._handle.remove)
 
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
     def _update(self, latent: torch.Tensor) -> None:
         state = self.state
         batch = latent.shape[0]
@@ -153,19 +157,6 @@ class MediatorCounts:
         if len(present) == 1:
             return [(self.counts[present[0]], None)]
         return [(self.counts[j], torch.nonzero(levels == j).flatten()) for j in present]
-
-
-def _denoiser_being_patched() -> nn.Module | None:
-    """The denoiser that `diffusers_ext.patch` is patching (its local `denoiser`), or None.
-
-    The Method API hands `make_processor` no denoiser; the adaptive switch needs one to read the
-    latent, so we look it up in the calling `patch` frame."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "patch" and frame.f_globals.get("__name__", "").endswith("patching"):
-            return frame.f_locals.get("denoiser")
-        frame = frame.f_back
-    return None
 
 
 # --- the processor -----------------------------------------------------------------------------------
@@ -304,10 +295,15 @@ class MediatorMethod(Method):
         if counts is None:
             counts = MediatorCounts(state, options["mediators"], options["switch_at"], options["switch_ratios"],
                                     options["switch_window"], options["switch_norm"])
-            if options["switch_ratios"] is not None:
-                denoiser = _denoiser_being_patched()
-                if denoiser is None:
-                    raise RuntimeError("the adaptive mediator switch needs diffusers_ext.patch(...) to install it")
-                counts.attach(denoiser)
             _COUNTS_OF_STATE[id(state)] = counts
         return MediatorAttnProcessor(original, site, state, options, counts)
+
+    def attach(self, denoiser, record):
+        counts = _COUNTS_OF_STATE.get(id(record.state))
+        if counts is not None and counts.switch_ratios is not None:  # the adaptive switch reads the latent
+            counts.attach(denoiser)
+
+    def detach(self, denoiser, record):
+        counts = _COUNTS_OF_STATE.get(id(record.state))
+        if counts is not None:
+            counts.detach()
