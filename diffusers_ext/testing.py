@@ -9,6 +9,7 @@ on them goes through exactly the code paths the full-size models take.
     pipe = tiny_pipeline("sdxl")        # StableDiffusionXLPipeline
     pipe = tiny_pipeline("sd3")         # StableDiffusion3Pipeline (SD3.5 flavour with `sd35`)
     pipe = tiny_pipeline("dit")         # DiTPipeline
+    pipe = tiny_pipeline("sit")         # SiTPipeline (diffusers_ext.pipelines)
     pipe = tiny_pipeline("animatediff") # AnimateDiffPipeline
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-TINY_FAMILIES = ("sd", "sdxl", "sd3", "sd35", "dit", "animatediff")
+TINY_FAMILIES = ("sd", "sdxl", "sd3", "sd35", "dit", "sit", "animatediff")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -134,7 +135,8 @@ def tiny_pipeline(family: str = "sd", seed: int = 0, dtype: torch.dtype = torch.
     torch.manual_seed(seed)
     builder = {
         "sd": _tiny_sd, "sdxl": _tiny_sdxl, "sd3": functools.partial(_tiny_sd3, sd35=False),
-        "sd35": functools.partial(_tiny_sd3, sd35=True), "dit": _tiny_dit, "animatediff": _tiny_animatediff,
+        "sd35": functools.partial(_tiny_sd3, sd35=True), "dit": _tiny_dit, "sit": _tiny_sit,
+        "animatediff": _tiny_animatediff,
     }[family]
     pipe = builder()
     for component in pipe.components.values():  # as from_pretrained leaves them: no dropout, no label drop
@@ -189,6 +191,12 @@ def _tiny_dit():
 
     labels = {i: f"class {i}" for i in range(1000)}
     return DiTPipeline(transformer=tiny_dit_transformer(), vae=tiny_vae(), scheduler=DDIMScheduler(), id2label=labels)
+
+
+def _tiny_sit():
+    from diffusers_ext.pipelines.sit import tiny_sit_pipeline
+
+    return tiny_sit_pipeline()
 
 
 def _tiny_animatediff():
