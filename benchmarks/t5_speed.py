@@ -151,7 +151,7 @@ def run_child(args_list: list[str]) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=None, help="transformer blocks (default: 2 on CPU, 24 on GPU)")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--resolutions", type=int, nargs="*", default=[1024, 2048])
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: fp32 on CPU, bf16 on GPU)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--core-tokens", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
