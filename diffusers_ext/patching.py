@@ -129,7 +129,10 @@ def unpatch(pipe_or_model, missing_ok: bool = False) -> None:
         if missing_ok:
             return
         raise ValueError(f"{type(denoiser).__name__} is not patched by diffusers_ext")
+    from .weights import restore_inherited
+
     get_method(record.method).detach(denoiser, record)
+    restore_inherited(denoiser)  # pretrained tensors a weights folder overwrote (fine-tuned projections)
     modules = dict(denoiser.named_modules())
     for name, original in record.originals.items():
         modules[name].set_processor(original)

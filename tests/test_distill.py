@@ -92,6 +92,15 @@ def test_inherited_weights_train_and_teacher_keeps_pretrained(tmp_path):
         assert type(pipe.transformer.transformer_blocks[0].attn1.processor).__name__ != "TTTAttnProcessor"
     assert type(pipe.transformer.transformer_blocks[0].attn1.processor).__name__ == "TTTAttnProcessor"
 
+    # loading the fine-tuned projections into a fresh model, then unpatching, restores them exactly
+    fresh = tiny_pipeline("dit")
+    fresh_q = fresh.transformer.transformer_blocks[0].attn1.to_q.weight
+    pretrained = fresh_q.detach().clone()
+    dx.patch(fresh, "t5", weights=str(tmp_path / "out"))
+    torch.testing.assert_close(fresh_q.detach(), saved["transformer_blocks.0.attn1.to_q.weight"])
+    dx.unpatch(fresh)
+    assert torch.equal(fresh_q.detach(), pretrained)
+
 
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
     straight = Distiller(tiny_pipeline("dit"), "t5", _config(tmp_path / "a", max_steps=6))
