@@ -21,6 +21,7 @@ Writes benchmarks/results/anchor_frame.md (table, command, machine).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -102,6 +103,8 @@ def main(argv=None):
                f"torch {torch.__version__}, device {args.device}")
     if device.type == "cuda":
         machine += f" ({torch.cuda.get_device_name()})"
+    if hasattr(os, "getloadavg"):
+        machine += f"; load average at the end {os.getloadavg()[0]:.1f} (other processes share the CPU)"
     table = "\n".join([
         "# FAAC anchor frame: cost per denoising step (one UNetMotionModel forward)",
         "",
