@@ -244,3 +244,47 @@ def lambda_init_for_depth(depth: int) -> float:
 def differential_attention(q, k_pos, k_neg, v, scale: float, lam) -> torch.Tensor:
     """(softmax(s q k+^T) - lam softmax(s q k-^T)) v as two fused attentions; lam a scalar (tensor)."""
     return sdpa(q, k_pos, v, scale) - lam * sdpa(q, k_neg, v, scale)
+
+
+# =====================================================================================================
+# LINA: division-normalised ReLU linear attention with a KV gate (Wang et al.; SANA's kernel form).
+# Shapes per head: q (B, h, N, d); k, v (B, h, M, d); gates broadcastable to (B, h, M, 1).
+#
+#   phi(x) = ReLU(x) + 1e-6                                      relu_feature_map
+#   k~_j = gk_j phi(k_j),  v~_j = gv_j v_j                         the KV gate (per head, per position)
+#   S = (1/M) sum_j k~_j^T v~_j   (d x d),   z = (1/M) sum_j k~_j   the linear memory and its normaliser
+#   O_i = phi(q_i) S / (phi(q_i) . z + eps)                        gated_linear_attention (fp32)
+#
+# Equivalently O_i = sum_j w_ij gv_j v_j / (sum_j w_ij + M eps), w_ij = gk_j phi(q_i) . phi(k_j): a
+# weighted average of the gated values; a key gate of 0 at position j removes j exactly.
+# =====================================================================================================
+
+LINEAR_FEATURE_EPS = 1e-6
+
+
+def relu_feature_map(x: torch.Tensor) -> torch.Tensor:
+    """LINA's kernel feature map phi(x) = ReLU(x) + 1e-6 (strictly positive, so z never vanishes)."""
+    return F.relu(x) + LINEAR_FEATURE_EPS
+
+
+def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_gate: torch.Tensor | None = None,
+                           value_gate: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """Division-normalised ReLU linear attention with a KV gate, computed in fp32.
+
+    q (B, h, N, d) and k (B, h, M, d) are raw projections (phi is applied here); v (B, h, M, d);
+    key_gate / value_gate broadcastable to (B, h, M, 1) or None (= 1). Returns (B, h, N, d) in q's
+    dtype (computed in fp32, or fp64 for fp64 inputs). The memory and normaliser are means over the M keys (LINA's form; keeps fp32 sums of
+    64K tokens well scaled), so `eps` acts on the mean: O = phi(q) S / (phi(q) . z + eps).
+    Cost 4 N d^2 + 2 M d^2 flops per head (softmax attention: 4 N M d); no N x M matrix.
+    """
+    dtype = q.dtype
+    work = torch.promote_types(dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    q, k, v = relu_feature_map(q.to(work)), relu_feature_map(k.to(work)), v.to(work)
+    if key_gate is not None:
+        k = k * key_gate.to(work)
+    if value_gate is not None:
+        v = v * value_gate.to(work)
+    inv_m = 1.0 / k.shape[-2]
+    memory = (k.transpose(-1, -2) * inv_m) @ v                  # S (B, h, d, d)
+    normaliser = k.mean(dim=-2, keepdim=True).transpose(-1, -2)  # z (B, h, d, 1)
+    return ((q @ memory) / (q @ normaliser + eps)).to(dtype)

@@ -1,0 +1,271 @@
+"""LINA: linear attention with a KV gate (Wang et al.), as a conversion of a pretrained DiT / SiT or
+SD3 / SD3.5 model; needs a short fine-tune (`diffusers-ext distill MODEL lina`), then
+`dx.patch(pipe, "lina", weights=FOLDER)`.
+
+Per head, with the inherited projections q, k, v (and SD3.5's q/k RMS norms), in fp32:
+
+    phi(x) = ReLU(x) + 1e-6
+    k~_j = gk_j phi(k_j),  v~_j = gv_j v_j                 KV gate: new, per head and token position, init 1
+    O_i = phi(q_i) mean_j(k~_j^T v~_j) / (phi(q_i) . mean_j k~_j + eps)   (`ops.gated_linear_attention`)
+    out = to_out(O + DWConv5x5(x))                          locality conv on the image grid, new, zero-init
+
+As in LINA's code the key and value gates are two parameters (1 x h x N x 1), the normaliser uses
+the gated keys (so a key gate of 0 removes a position exactly), and the depthwise conv reads the
+layer's input tokens x (`conv_on="input"`; "value" convolves v instead). The conversion starts at
+plain linear attention + 0: the conv is zero-initialised and the gates are 1.
+
+Resolution: the gates belong to the token grid they were trained on (`gate_grid`, default the
+model's native grid `sample_size / patch_size`, saved with the weights). At another grid they are
+bilinearly interpolated (`gate_resize="interpolate"`, default) or dropped (`"reset"`: gates of 1).
+
+SD3 joint attention (`text_tokens`, `text_gate_tokens`): text keys / values enter the same linear
+memory as the image tokens, with their own per-position gates over the first `text_gate_tokens`
+text positions (default 333 = 77 CLIP + 256 T5 tokens of the SD3 pipelines; later positions get 1,
+as LINA gates its condition tokens). Text queries read the same memory ("linear", default: the whole
+layer is linear), or keep exact softmax over all keys ("softmax": cost 4 M N d for M text queries,
+more than the linear core at d = 64; the text stream then starts unchanged). The conv sees image
+tokens only. Attention masks fall back to stock attention with a warning (stock SD3 ignores them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusers_ext.ops import GridDepthwiseConv, gated_linear_attention, sdpa
+from diffusers_ext.processor import (
+    PatchProcessor, merge_heads, project_kv, project_out, project_q, run_self_attention, split_heads,
+)
+from diffusers_ext.processors.ttt import T5Method, _blocks
+from diffusers_ext.registry import Method, Option, boolean, number, one_of, register_method, schedule
+
+
+def _grid_or_auto(value):
+    """Option check: None (the model's native token grid) or a (height, width) pair of positive ints."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"expected None or a (height, width) pair, got {value!r}")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+        raise ValueError(f"expected two positive integers, got {value!r}")
+    return tuple(value)
+
+
+def _odd_kernel(value):
+    value = number(1, 31, integer=True)(value)
+    if value % 2 != 1:
+        raise ValueError(f"must be odd, got {value}")
+    return value
+
+
+def resize_gate(gate: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a per-position gate on its token grid: (1, h, H*W, 1) -> (1, h, H'*W', 1).
+    align_corners=False (a gate already at `new_grid` is returned as is)."""
+    if tuple(grid) == tuple(new_grid):
+        return gate
+    heads = gate.shape[1]
+    image = gate.reshape(1, heads, *grid)
+    image = F.interpolate(image.float(), size=tuple(new_grid), mode="bilinear", align_corners=False)
+    return image.reshape(1, heads, -1, 1).to(gate.dtype)
+
+
+def fit_sequence_gate(gate: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """A per-position gate over a token sequence, cut or padded with 1 to `length` positions."""
+    if gate is None:
+        return None
+    have = gate.shape[2]
+    if length <= have:
+        return gate[:, :, :length]
+    return torch.cat([gate, gate.new_ones(1, gate.shape[1], length - have, 1)], dim=2)
+
+
+class LinaAttnProcessor(PatchProcessor):
+    """LINA attention on one SD3 joint-attention or image self-attention layer.
+
+    New parameters: `conv` (depthwise k x k on the grid), `key_gate` / `value_gate` (1, h, H*W, 1) on
+    the gate grid, and for joint attention `text_key_gate` / `text_value_gate` (1, h, T, 1). The gates
+    are created by `build_gates` (the method calls it once the model's native grid is known)."""
+
+    def __init__(self, original, site, state, options):
+        super().__init__(original, site, state)
+        attn = site.module
+        self.heads = attn.heads
+        inner_dim = attn.to_q.out_features
+        self.head_dim = inner_dim // attn.heads
+        self.text_tokens = options["text_tokens"]
+        self.gate_resize = options["gate_resize"]
+        self.conv_on = options["conv_on"]
+        self.eps = options["eps"]
+        self.joint = site.role == "joint"
+        if self.conv_on == "input" and attn.to_q.in_features != inner_dim:
+            raise ValueError(f"LINA at {site.name}: conv_on='input' needs the attention input width "
+                             f"({attn.to_q.in_features}) to equal its inner width ({inner_dim}); use conv_on='value'")
+        weight = attn.to_q.weight
+        self.conv = GridDepthwiseConv(inner_dim, options["conv_kernel"]).to(device=weight.device, dtype=weight.dtype)
+        self.gate_grid: tuple[int, int] | None = None
+        self._text_gate_tokens = options["text_gate_tokens"] if self.joint else 0
+
+    def build_gates(self, grid: tuple[int, int]) -> None:
+        """Create the gates (all ones) for the image token grid `grid` (and the text positions)."""
+        factory = dict(device=self.conv.conv.weight.device, dtype=self.conv.conv.weight.dtype)
+        self.gate_grid = tuple(grid)
+        self.key_gate = nn.Parameter(torch.ones(1, self.heads, grid[0] * grid[1], 1, **factory))
+        self.value_gate = nn.Parameter(torch.ones(1, self.heads, grid[0] * grid[1], 1, **factory))
+        if self._text_gate_tokens:
+            self.text_key_gate = nn.Parameter(torch.ones(1, self.heads, self._text_gate_tokens, 1, **factory))
+            self.text_value_gate = nn.Parameter(torch.ones(1, self.heads, self._text_gate_tokens, 1, **factory))
+
+    # --- the pieces -----------------------------------------------------------------------------------
+
+    def _grid(self, num_tokens: int) -> tuple[int, int]:
+        grid = self.state.grid(num_tokens)
+        if grid is None:
+            raise ValueError(f"LINA at {self.site_name}: {num_tokens} image tokens do not form a grid of the "
+                             f"{self.state.latent_hw} latent")
+        return grid
+
+    def image_gates(self, grid: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(key gate, value gate) (1, h, H*W, 1) for the image grid `grid`, or (None, None) = 1."""
+        if self.gate_grid is None:
+            raise RuntimeError(f"LINA at {self.site_name}: gates not built (patch through `dx.patch`)")
+        if tuple(grid) == self.gate_grid:
+            return self.key_gate, self.value_gate
+        if self.gate_resize == "reset":
+            return None, None
+        return resize_gate(self.key_gate, self.gate_grid, grid), resize_gate(self.value_gate, self.gate_grid, grid)
+
+    def text_gates(self, length: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self._text_gate_tokens:
+            return None, None
+        return fit_sequence_gate(self.text_key_gate, length), fit_sequence_gate(self.text_value_gate, length)
+
+    def _local(self, x: torch.Tensor, v: torch.Tensor, grid) -> torch.Tensor:
+        """DWConv on the grid of the input tokens x (B, N, C) or of the values v (B, h, N, d) -> (B, h, N, d)."""
+        source = x if self.conv_on == "input" else merge_heads(v)
+        return split_heads(self.conv(source, grid), self.heads).float()
+
+    # --- forward ---------------------------------------------------------------------------------------
+
+    def patched(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+        if attention_mask is not None:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                 reason="LINA does not take attention masks")
+        if encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None:
+            return self.joint_attend(attn, hidden_states, encoder_hidden_states)
+        if encoder_hidden_states is not None:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                 reason="LINA replaces self- or joint attention, got cross-attention")
+        return run_self_attention(attn, hidden_states, temb, lambda x: self.self_attend(attn, x))
+
+    def self_attend(self, attn, x: torch.Tensor) -> torch.Tensor:
+        """Image self-attention: x (B, N, C) on the grid -> (B, N, C_out) after `to_out`."""
+        grid = self._grid(x.shape[1])
+        q = project_q(attn, x)
+        k, v = project_kv(attn, x)
+        out = gated_linear_attention(q.float(), k, v, *self.image_gates(grid), eps=self.eps)  # fp32
+        return project_out(attn, out + self._local(x, v, grid), x.dtype)
+
+    def joint_attend(self, attn, x: torch.Tensor, c: torch.Tensor):
+        """SD3 joint attention: image tokens x (B, N, C), text tokens c (B, M, C_text) ->
+        (image output (B, N, C), text output (B, M, C_text) or, with `context_pre_only`, unprojected)."""
+        grid = self._grid(x.shape[1])
+        num_image, num_text = x.shape[1], c.shape[1]
+        q = project_q(attn, x)
+        k, v = project_kv(attn, x)
+        q_text = split_heads(attn.add_q_proj(c), self.heads)
+        k_text = split_heads(attn.add_k_proj(c), self.heads)
+        v_text = split_heads(attn.add_v_proj(c), self.heads)
+        if attn.norm_added_q is not None:
+            q_text = attn.norm_added_q(q_text)
+        if attn.norm_added_k is not None:
+            k_text = attn.norm_added_k(k_text)
+        keys, values = torch.cat([k, k_text.to(k.dtype)], dim=2), torch.cat([v, v_text.to(v.dtype)], dim=2)
+        (image_k, image_v), (text_k, text_v) = self.image_gates(grid), self.text_gates(num_text)
+        key_gate = _join(image_k, text_k, num_image, num_text, self.heads)
+        value_gate = _join(image_v, text_v, num_image, num_text, self.heads)
+
+        read_text = self.text_tokens == "linear" and not attn.context_pre_only
+        queries = torch.cat([q, q_text.to(q.dtype)], dim=2) if read_text else q
+        out = gated_linear_attention(queries.float(), keys, values, key_gate, value_gate, eps=self.eps)  # fp32
+        out_image = out[:, :, :num_image] + self._local(x, v, grid)
+        if read_text:
+            out_text = out[:, :, num_image:]
+        elif attn.context_pre_only:  # the last block discards its text output
+            out_text = torch.zeros_like(q_text)
+        else:  # exact (ungated) softmax rows for the text queries over all keys
+            out_text = sdpa(q_text, keys.to(q_text.dtype), values.to(q_text.dtype), attn.scale)
+
+        out_image = project_out(attn, out_image, x.dtype)
+        out_text = merge_heads(out_text).to(c.dtype)
+        if not attn.context_pre_only:
+            out_text = attn.to_add_out(out_text)
+        return out_image, out_text
+
+
+def _join(image_gate, text_gate, num_image: int, num_text: int, heads: int):
+    """One gate over [image tokens, text tokens]; a missing part is 1; both missing -> None."""
+    if image_gate is None and text_gate is None:
+        return None
+    like = image_gate if image_gate is not None else text_gate
+    ones = lambda n: like.new_ones(1, heads, n, 1)  # noqa: E731
+    return torch.cat([image_gate if image_gate is not None else ones(num_image),
+                      text_gate if text_gate is not None else ones(num_text)], dim=2)
+
+
+def native_grid(denoiser) -> tuple[int, int]:
+    """The token grid a DiT / SD3 transformer was trained at: sample_size / patch_size."""
+    config = denoiser.config
+    size, patch = config.sample_size, getattr(config, "patch_size", None) or 1
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return height // patch, width // patch
+
+
+@register_method
+class LinaMethod(Method):
+    name = "lina"
+    families = ("sd3", "dit")
+    training_free = False
+    description = ("LINA: division-normalised ReLU linear attention with a learnable KV gate and a depthwise "
+                   "conv (SD3/SD3.5 joint attention, DiT/SiT self-attention; needs a short fine-tune)")
+    options = (
+        Option("steps", None, "part of the run where the patch acts (fractions or step indices)", schedule("steps")),
+        Option("blocks", "all", "transformer blocks to convert: 'all' or a list of block indices", _blocks),
+        Option("dual_attention", True, "SD3.5: also convert the image self-attention `attn2` of dual-attention blocks",
+               boolean),
+        Option("text_tokens", "linear",
+               "SD3 text queries: 'linear' (read the gated linear memory) or 'softmax' (exact attention over all keys)",
+               one_of("linear", "softmax")),
+        Option("gate_grid", None, "image token grid (H, W) the KV gate is trained at; None: the model's native grid",
+               _grid_or_auto),
+        Option("gate_resize", "interpolate",
+               "at another grid: 'interpolate' the gate bilinearly, or 'reset' it to 1", one_of("interpolate", "reset")),
+        Option("text_gate_tokens", {"sd3": 333, "*": 0},
+               "SD3: text positions with their own KV gate (later positions: 1); 0 = ungated text",
+               number(0, 100_000, integer=True)),
+        Option("conv_on", "input", "what the depthwise conv reads: the layer's 'input' tokens (LINA) or the 'value's",
+               one_of("input", "value")),
+        Option("conv_kernel", 5, "size of the depthwise conv (LINA: 5)", _odd_kernel),
+        Option("eps", 1e-6, "eps of the division normalisation (on the mean over keys)", number(0.0, 1.0)),
+    )
+
+    def check_options(self, options, family):
+        if family == "dit" and options["text_gate_tokens"]:
+            raise ValueError("option `text_gate_tokens`: DiT / SiT have no text tokens; leave it 0")
+
+    select_sites = T5Method.select_sites
+
+    def make_processor(self, site, original, options, state):
+        return LinaAttnProcessor(original, site, state, options)
+
+    def attach(self, denoiser, record):
+        """Build the gates at `gate_grid` (resolved to the model's native grid and written back into
+        the record's options, so a weights folder states the grid its gates belong to)."""
+        grid = record.options["gate_grid"] or native_grid(denoiser)
+        record.options["gate_grid"] = tuple(grid)
+        modules = dict(denoiser.named_modules())
+        for name in record.sites:
+            modules[name].processor.build_gates(grid)
+
+    # New: gates and conv of every converted layer. Inherited: the converted layers' projections.
+    trainable_parameters = T5Method.trainable_parameters
