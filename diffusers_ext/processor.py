@@ -24,6 +24,8 @@ logger = logging.getLogger("diffusers_ext")
 class PatchProcessor(nn.Module):
     """Base class: `forward` dispatches to `patched` when the method acts, else to the original."""
 
+    label = "this method"  # how messages name the method, e.g. "agent attention"
+
     def __init__(self, original, site, state, schedule_key: str = "steps"):
         super().__init__()
         # Plain attributes, not submodules: the original may itself be an nn.Module (IP-Adapter...).
@@ -53,8 +55,34 @@ class PatchProcessor(nn.Module):
     def patched(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
         raise NotImplementedError
 
+    def grid_of(self, num_tokens: int) -> tuple[int, int]:
+        """The (height, width) token grid of `num_tokens` image tokens, or a clear error."""
+        grid = self.state.grid(num_tokens)
+        if grid is None:
+            raise ValueError(f"{self.label} at {self.site_name}: {num_tokens} tokens do not form a grid of the "
+                             f"{self.state.latent_hw} latent")
+        return grid
+
     def extra_repr(self) -> str:
         return f"site={self.site_name!r}"
+
+
+class SelfAttentionProcessor(PatchProcessor):
+    """A method that replaces unmasked image self-attention: `attend(attn, x)` maps the tokens
+    x (B, N, C) to the output after `attn.to_out` (B, N, C_out). Cross-attention calls and
+    attention masks fall back to the stock processor (with a one-time warning)."""
+
+    def patched(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+        if encoder_hidden_states is not None:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                 reason=f"{self.label} replaces self-attention only, got encoder states")
+        if attention_mask is not None:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                 reason=f"{self.label} does not take attention masks")
+        return run_self_attention(attn, hidden_states, temb, lambda x: self.attend(attn, x))
+
+    def attend(self, attn, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -33,12 +33,14 @@ import torch
 from diffusers_ext.merge import match_on_grid
 from diffusers_ext.families import unet_self_attention
 from diffusers_ext.ops import agent_attention, pool_on_grid, sdpa
-from diffusers_ext.processor import PatchProcessor, compute_dtype, project_kv, project_out, project_q, run_self_attention
+from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, project_kv, project_out, project_q
 from diffusers_ext.registry import Method, Option, boolean, number, one_of, register_method, schedule
 
 
-class AgentAttnProcessor(PatchProcessor):
+class AgentAttnProcessor(SelfAttentionProcessor):
     """Agent attention + token merging on one UNet self-attention layer."""
+
+    label = "agent attention"
 
     def __init__(self, original, site, state, options):
         super().__init__(original, site, state)
@@ -52,15 +54,9 @@ class AgentAttnProcessor(PatchProcessor):
         self.seed = options["seed"]
 
     def patched(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
-        if encoder_hidden_states is not None:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                                 reason="agent attention replaces self-attention only, got encoder states")
-        if attention_mask is not None:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                                 reason="agent attention does not take attention masks")
         if self.merge_ratio == 0 and not self.state.active.get("agent_steps", True):
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)  # exact stock
-        return run_self_attention(attn, hidden_states, temb, lambda x: self.attend(attn, x))
+        return super().patched(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
     @torch.compiler.disable  # reads the step: kept out of compiled graphs so steps add no guards
     def _generator(self) -> torch.Generator | None:
@@ -72,13 +68,7 @@ class AgentAttnProcessor(PatchProcessor):
 
     def attend(self, attn, x: torch.Tensor) -> torch.Tensor:
         """x (B, N, C) on the image grid -> attention output after `to_out` (B, N, C_out)."""
-        num_tokens = x.shape[1]
-        grid = self.state.grid(num_tokens)
-        if grid is None:
-            raise ValueError(
-                f"agent attention at {self.site_name}: {num_tokens} tokens do not form a grid of the "
-                f"{self.state.latent_hw} latent"
-            )
+        grid = self.grid_of(x.shape[1])
         agent_phase = self.state.active.get("agent_steps", True)
         stride = self.agent_stride if agent_phase else self.merge_stride
         needs_match = self.merge_ratio > 0 or (agent_phase and self.agent_source == "merge")

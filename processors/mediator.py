@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from diffusers_ext.ops import GridDepthwiseConv, interpolated_bias, mediator_attention, pool_on_grid
-from diffusers_ext.processor import PatchProcessor, compute_dtype, merge_heads, project_kv, project_out, project_q, \
-    run_self_attention, split_heads
+from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, merge_heads, project_kv, project_out, \
+    project_q, split_heads
 from diffusers_ext.registry import Method, Option, boolean, number, one_of, register_method, schedule
 
 DEFAULT_MEDIATORS = 64
@@ -161,8 +161,10 @@ class MediatorCounts:
 
 # --- the processor -----------------------------------------------------------------------------------
 
-class MediatorAttnProcessor(PatchProcessor):
+class MediatorAttnProcessor(SelfAttentionProcessor):
     """Mediator attention on one DiT / SiT self-attention layer (see the module docstring)."""
+
+    label = "mediator attention"
 
     def __init__(self, original, site, state, options, counts: MediatorCounts):
         super().__init__(original, site, state)
@@ -203,22 +205,10 @@ class MediatorAttnProcessor(PatchProcessor):
         b2 = interpolated_bias(*to_mediators, mediator_grid, token_grid).transpose(-1, -2)
         return b1[None].to(dtype), b2[None].to(dtype)
 
-    def patched(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
-        if encoder_hidden_states is not None:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                                 reason="mediators replace self-attention only, got encoder states")
-        if attention_mask is not None:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                                 reason="mediator attention does not take attention masks")
-        return run_self_attention(attn, hidden_states, temb, lambda x: self.attend(attn, x))
-
     def attend(self, attn, x: torch.Tensor) -> torch.Tensor:
         """x (B, N, C) on the token grid -> attention output after to_out (B, N, C_out)."""
         batch, num_tokens, _ = x.shape
-        grid = self.state.grid(num_tokens)
-        if grid is None:
-            raise ValueError(f"mediators at {self.site_name}: {num_tokens} tokens do not form a grid of the "
-                             f"{self.state.latent_hw} latent")
+        grid = self.grid_of(num_tokens)
         dtype = compute_dtype(attn, x.dtype)
         q = project_q(attn, x).to(dtype)
         k, v = (t.to(dtype) for t in project_kv(attn, x))

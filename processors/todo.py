@@ -17,29 +17,23 @@ import torch.nn.functional as F
 
 from diffusers_ext.families import unet_self_attention
 from diffusers_ext.ops import grid_to_tokens, sdpa, tokens_to_grid
-from diffusers_ext.processor import PatchProcessor, compute_dtype, project_kv, project_out, project_q, run_self_attention
+from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, project_kv, project_out, project_q
 from diffusers_ext.registry import Method, Option, number, one_of, register_method, schedule
 
 
-class ToDoAttnProcessor(PatchProcessor):
+class ToDoAttnProcessor(SelfAttentionProcessor):
     """Self-attention with keys and values from the grid downsampled by `factor`."""
+
+    label = "ToDo"
 
     def __init__(self, original, site, state, options):
         super().__init__(original, site, state)
         self.factor = options["factor"]
         self.mode = options["mode"]
 
-    def patched(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
-        if encoder_hidden_states is not None or attention_mask is not None:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                                 reason="token downsampling handles unmasked self-attention only")
-        return run_self_attention(attn, hidden_states, temb, lambda x: self.attend(attn, x))
-
     def attend(self, attn, x):
         """x (B, N, C) -> (B, N, C_out)."""
-        grid = self.state.grid(x.shape[1])
-        if grid is None:
-            raise ValueError(f"ToDo at {self.site_name}: {x.shape[1]} tokens do not form a grid of the latent")
+        grid = self.grid_of(x.shape[1])
         image, lead = tokens_to_grid(x, grid)
         size = (math.ceil(grid[0] / self.factor), math.ceil(grid[1] / self.factor))
         if self.mode == "nearest":

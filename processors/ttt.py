@@ -57,6 +57,8 @@ def _blocks(value):
 class TTTAttnProcessor(PatchProcessor):
     """T^5 attention on one SD3 joint-attention or image self-attention layer."""
 
+    label = "T^5"
+
     def __init__(self, original, site, state, options):
         super().__init__(original, site, state)
         attn = site.module
@@ -75,15 +77,6 @@ class TTTAttnProcessor(PatchProcessor):
         self.k_conv = GridDepthwiseConv(inner_dim, 3, zero_init=zero).to(**factory)
 
     # --- the pieces -----------------------------------------------------------------------------------
-
-    def _grid(self, num_tokens: int) -> tuple[int, int]:
-        grid = self.state.grid(num_tokens)
-        if grid is None:
-            raise ValueError(
-                f"T^5 at {self.site_name}: {num_tokens} image tokens do not form a grid of the "
-                f"{self.state.latent_hw} latent"
-            )
-        return grid
 
     def _local(self, conv: GridDepthwiseConv, x: torch.Tensor, grid) -> torch.Tensor:
         """x + DWConv3x3(x) on the grid; x (B, h, N, d)."""
@@ -112,7 +105,7 @@ class TTTAttnProcessor(PatchProcessor):
 
     def self_attend(self, attn, x: torch.Tensor) -> torch.Tensor:
         """Image self-attention: x (B, N, C) on the grid -> (B, N, C_out) after `to_out`."""
-        grid = self._grid(x.shape[1])
+        grid = self.grid_of(x.shape[1])
         dtype = compute_dtype(attn, x.dtype)
         q = project_q(attn, x).to(dtype)
         k, v = (t.to(dtype) for t in project_kv(attn, x))
@@ -123,7 +116,7 @@ class TTTAttnProcessor(PatchProcessor):
     def joint(self, attn, x: torch.Tensor, c: torch.Tensor):
         """SD3 joint attention: image tokens x (B, N, C), text tokens c (B, M, C_text) ->
         (image output (B, N, C), text output (B, M, C_text) or, with `context_pre_only`, unprojected)."""
-        grid = self._grid(x.shape[1])
+        grid = self.grid_of(x.shape[1])
         dtype = compute_dtype(attn, x.dtype)
         q = project_q(attn, x).to(dtype)
         k, v = (t.to(dtype) for t in project_kv(attn, x))

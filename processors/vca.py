@@ -35,8 +35,8 @@ from torch import nn
 
 from diffusers_ext.ops import (GridDepthwiseConv, diff_lambda, differential_attention, lambda_init_for_depth,
                                pool_on_grid, rms_norm, sdpa)
-from diffusers_ext.processor import PatchProcessor, compute_dtype, merge_heads, project_kv, project_out, project_q, \
-    run_self_attention, split_heads
+from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, merge_heads, project_kv, project_out, \
+    project_q, split_heads
 from diffusers_ext.registry import Method, Option, boolean, number, register_method, schedule
 
 
@@ -46,8 +46,10 @@ def _square(value):
     return value
 
 
-class VCAAttnProcessor(PatchProcessor):
+class VCAAttnProcessor(SelfAttentionProcessor):
     """Visual-contrast attention on one DiT / SiT self-attention layer."""
+
+    label = "VCA"
 
     def __init__(self, original, site, state, options):
         super().__init__(original, site, state)
@@ -86,18 +88,9 @@ class VCAAttnProcessor(PatchProcessor):
                               self.lambda_init) for i in range(2))
         return l1, l2
 
-    def patched(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
-        if encoder_hidden_states is not None or attention_mask is not None:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                                 reason="VCA replaces unmasked self-attention only")
-        return run_self_attention(attn, hidden_states, temb, lambda x: self.attend(attn, x))
-
     def attend(self, attn, x: torch.Tensor) -> torch.Tensor:
         batch, num_tokens, _ = x.shape
-        grid = self.state.grid(num_tokens)
-        if grid is None:
-            raise ValueError(f"VCA at {self.site_name}: {num_tokens} tokens do not form a grid of the "
-                             f"{self.state.latent_hw} latent")
+        grid = self.grid_of(num_tokens)
         side = math.isqrt(self.num_tokens)
         if side > min(grid):
             raise ValueError(f"{self.num_tokens} contrast tokens ({side} x {side}) do not fit the "
