@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import atomic_write_text, write_images_npz
+from .data import atomic_savez, atomic_write_text, write_images_npz
 
 CONFIG_FILE = "config.json"
 SHARD_DIR = "shards"
@@ -312,13 +312,11 @@ def run_sampling(
     progress: bool = True,
     delete_shards: bool = False,
     pipe=None,
-    stop_after_chunks: int | None = None,
 ) -> dict:
     """Draw the missing samples of `config` into `output_dir` (across accelerate processes) and merge.
 
     Returns {"npz": path or None, "png": folder or None, "generated": samples drawn by this process,
-    "complete": whether the merge ran}. `stop_after_chunks` stops this process after that many chunks
-    without merging (tests use it to simulate a kill).
+    "complete": True}. `pipe`: an already loaded pipeline to use instead of loading `config.model`.
     """
     from accelerate import PartialState
     from tqdm.auto import tqdm
@@ -351,10 +349,7 @@ def run_sampling(
         total = sum(len(config.chunk_indices(c)) for c in mine)
         bar = tqdm(total=total, unit="img", dynamic_ncols=True, disable=not (progress and state.is_main_process),
                    desc=f"sampling (process 0 of {state.num_processes})" if state.num_processes > 1 else "sampling")
-        for n_done, chunk in enumerate(mine):
-            if stop_after_chunks is not None and n_done >= stop_after_chunks:
-                bar.close()
-                return {"npz": None, "png": None, "generated": generated, "complete": False}
+        for chunk in mine:
             indices = list(config.chunk_indices(chunk))
             parts = []
             for i in range(0, len(indices), batch_size):
@@ -363,8 +358,6 @@ def run_sampling(
             images = np.concatenate(parts)
             labels = sampler.labels(indices)
             extra = {} if labels is None else {"labels": np.asarray(labels, dtype=np.int64)}
-            from .data import atomic_savez
-
             atomic_savez(_shard_path(output_dir, chunk), images=images, indices=np.asarray(indices, dtype=np.int64), **extra)
             generated += len(indices)
         bar.close()

@@ -103,8 +103,10 @@ def evaluate(samples: str | Path, reference: str | Path, metrics=("fid", "sfid",
                                        "file has no mixed_6/conv layer")
         if want_pr:
             if pr_possible:
-                report["precision"], report["recall"] = precision_recall(sb.pool, sa.pool, device=extractor.device
-                                                                         if extractor.device not in (None, "auto") else None)
+                from ..loading import resolve_device
+
+                report["precision"], report["recall"] = precision_recall(
+                    sb.pool, sa.pool, device=resolve_device(extractor.device))
             else:
                 unavailable["precision"] = unavailable["recall"] = (
                     "not available: needs the Inception features (or images) of both sides, and an input "
