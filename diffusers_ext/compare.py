@@ -39,10 +39,10 @@ def parse_options(pairs: list[str] | None) -> dict:
 
 
 class DenoiserTimer:
-    """Wall time of every denoiser forward (synchronised on CUDA)."""
+    """Wall time of every denoiser forward (synchronised on CUDA); `on_forward()` is called after each."""
 
-    def __init__(self, denoiser: torch.nn.Module):
-        self.denoiser, self.times, self._start = denoiser, [], None
+    def __init__(self, denoiser: torch.nn.Module, on_forward=None):
+        self.denoiser, self.times, self._start, self.on_forward = denoiser, [], None, on_forward
         self._handles = [
             denoiser.register_forward_pre_hook(self._before),
             denoiser.register_forward_hook(self._after),
@@ -59,6 +59,8 @@ class DenoiserTimer:
     def _after(self, module, args, output):
         self._sync()
         self.times.append(time.perf_counter() - self._start)
+        if self.on_forward is not None:
+            self.on_forward()
 
     def close(self):
         for handle in self._handles:
@@ -71,17 +73,25 @@ class RunResult:
     seconds_per_step: float
     total_seconds: float
     image: np.ndarray  # (H, W, 3) float in [0, 1]; frames side by side for video pipelines
+    images: list[np.ndarray] | None = None  # every output of the batch (images[0] is `image`)
 
 
 def _call_kwargs(pipe, prompt: str, class_label: int, steps: int, guidance: float | None,
-                 height: int | None, width: int | None, seed: int) -> dict:
+                 height: int | None, width: int | None, seed: int, batch_size: int = 1) -> dict:
     params = inspect.signature(pipe.__call__).parameters
     kwargs = {"num_inference_steps": steps, "generator": torch.Generator("cpu").manual_seed(seed),
               "output_type": "np"}
     if "class_labels" in params:
-        kwargs["class_labels"] = [class_label]
+        kwargs["class_labels"] = [class_label] * batch_size
     else:
         kwargs["prompt"] = prompt
+        if batch_size != 1:
+            if "num_images_per_prompt" in params:
+                kwargs["num_images_per_prompt"] = batch_size
+            elif "num_videos_per_prompt" in params:
+                kwargs["num_videos_per_prompt"] = batch_size
+            else:
+                raise ValueError(f"{type(pipe).__name__} does not take a batch size")
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
     for name, value in (("height", height), ("width", width)):
@@ -92,22 +102,23 @@ def _call_kwargs(pipe, prompt: str, class_label: int, steps: int, guidance: floa
     return kwargs
 
 
-def _image_of(output) -> np.ndarray:
+def _images_of(output) -> list[np.ndarray]:
+    """(H, W, 3) arrays in [0, 1]: each image, or each video's frames side by side."""
     if hasattr(output, "images"):
-        return np.asarray(output.images[0])
-    frames = np.asarray(output.frames[0])  # (F, H, W, 3)
-    return np.concatenate(list(frames), axis=1)
+        return [np.asarray(image) for image in output.images]
+    return [np.concatenate(list(np.asarray(video)), axis=1) for video in output.frames]  # (F, H, W, 3) each
 
 
-def run_once(pipe, label: str, kwargs: dict, denoiser: torch.nn.Module) -> RunResult:
-    timer = DenoiserTimer(denoiser)
+def run_once(pipe, label: str, kwargs: dict, denoiser: torch.nn.Module, on_forward=None) -> RunResult:
+    timer = DenoiserTimer(denoiser, on_forward)
     start = time.perf_counter()
     try:
         output = pipe(**kwargs)
     finally:
         timer.close()
     total = time.perf_counter() - start
-    return RunResult(label, float(np.mean(timer.times)) if timer.times else float("nan"), total, _image_of(output))
+    images = _images_of(output)
+    return RunResult(label, float(np.mean(timer.times)) if timer.times else float("nan"), total, images[0], images)
 
 
 def side_by_side(left: RunResult, right: RunResult) -> "PIL.Image.Image":  # noqa: F821
@@ -130,41 +141,64 @@ def side_by_side(left: RunResult, right: RunResult) -> "PIL.Image.Image":  # noq
     return out
 
 
-def compare(model: str = DEFAULT_MODEL, method: str = "agent", options: dict | None = None,
-            prompt: str = DEFAULT_PROMPT, class_label: int = 207, steps: int = 20, guidance: float | None = None,
-            height: int | None = None, width: int | None = None, seed: int = 0, out: str | None = None,
-            dtype: str = "auto", device: str = "auto", warmup: bool = True) -> dict:
-    """Generate with the stock and the patched pipeline; returns a summary dict (and writes `out`)."""
+@dataclass
+class Comparison:
+    """Both runs of `compare_pipeline` and the summary that `compare` prints."""
+
+    stock: RunResult
+    patched: RunResult
+    summary: dict
+
+
+def compare_pipeline(pipe, method: str, options: dict | None, kwargs: dict, *, warmup: bool = True,
+                     progress=None) -> Comparison:
+    """Run `pipe(**kwargs)` stock and patched with `method` from the same seed (kwargs["generator"]'s).
+
+    warmup: one-step runs of both first, so one-time costs (allocation, kernel selection) hit neither timing.
+    progress: called as progress(done, total, phase) after every denoiser forward; `total` counts one
+        forward per step (pipelines that call the denoiser more often report done > total).
+    The patch is validated before any work and the pipeline is stock again on return (even on error).
+    """
     import diffusers_ext as dx
     from diffusers_ext.families import find_denoiser
-    from diffusers_ext.loading import load_pipeline
 
-    if steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(model, dtype=dtype, device=device)
+    options = dict(options or {})
     denoiser, _ = find_denoiser(pipe)
-    kwargs = _call_kwargs(pipe, prompt, class_label, steps, guidance, height, width, seed)
-
-    # Validate the patch before spending time on the stock run.
-    dx.patch(pipe, method, **(options or {}))
+    seed = kwargs["generator"].initial_seed()
+    steps = kwargs["num_inference_steps"]
+    dx.patch(pipe, method, **options)  # bad options / unsupported model fail here, before any work
     dx.unpatch(pipe)
+
+    total = 2 * steps + (2 if warmup else 0)
+    done = [0]
+
+    def counted(phase: str):
+        if progress is None:
+            return None
+
+        def on_forward():
+            done[0] += 1
+            progress(done[0], total, phase)
+
+        return on_forward
+
+    def fresh(**extra) -> dict:
+        return {**kwargs, **extra, "generator": torch.Generator("cpu").manual_seed(seed)}
+
     pipe.set_progress_bar_config(disable=True)
-    if warmup:  # one-step runs so one-time costs (allocation, kernel selection) hit neither timing
+    if warmup:
         for patched in (False, True):
-            warm = {**kwargs, "num_inference_steps": 1, "generator": torch.Generator("cpu").manual_seed(seed)}
-            with dx.patched(pipe, method, **(options or {})) if patched else _nothing():
-                pipe(**warm)
-    pipe.set_progress_bar_config(disable=False, desc="stock")
-    stock = run_once(pipe, "stock", {**kwargs, "generator": torch.Generator("cpu").manual_seed(seed)}, denoiser)
-    pipe.set_progress_bar_config(disable=False, desc=method)
-    with dx.patched(pipe, method, **(options or {})):
-        fast = run_once(pipe, method, {**kwargs, "generator": torch.Generator("cpu").manual_seed(seed)}, denoiser)
+            with dx.patched(pipe, method, **options) if patched else _nothing():
+                run_once(pipe, "warm-up", fresh(num_inference_steps=1), denoiser, counted("warm-up"))
+    pipe.set_progress_bar_config(disable=progress is not None, desc="stock")
+    stock = run_once(pipe, "stock", fresh(), denoiser, counted("stock"))
+    pipe.set_progress_bar_config(disable=progress is not None, desc=method)
+    with dx.patched(pipe, method, **options):
+        fast = run_once(pipe, method, fresh(), denoiser, counted(method))
 
     difference = fast.image.astype(np.float64) - stock.image.astype(np.float64)
     summary = {
-        "model": model, "pipeline": type(pipe).__name__, "method": method, "options": options or {},
+        "pipeline": type(pipe).__name__, "method": method, "options": options,
         "steps": steps, "stock_ms_per_step": stock.seconds_per_step * 1000,
         "patched_ms_per_step": fast.seconds_per_step * 1000,
         "speedup": stock.seconds_per_step / fast.seconds_per_step,
@@ -172,8 +206,26 @@ def compare(model: str = DEFAULT_MODEL, method: str = "agent", options: dict | N
         "image_max_abs": float(np.abs(difference).max()),
         "stock_total_s": stock.total_seconds, "patched_total_s": fast.total_seconds,
     }
+    return Comparison(stock, fast, summary)
+
+
+def compare(model: str = DEFAULT_MODEL, method: str = "agent", options: dict | None = None,
+            prompt: str = DEFAULT_PROMPT, class_label: int = 207, steps: int = 20, guidance: float | None = None,
+            height: int | None = None, width: int | None = None, seed: int = 0, out: str | None = None,
+            dtype: str = "auto", device: str = "auto", warmup: bool = True) -> dict:
+    """Generate with the stock and the patched pipeline; returns a summary dict (and writes `out`)."""
+    from diffusers_ext.loading import load_pipeline
+
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
     if out is not None:
-        side_by_side(stock, fast).save(out)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(model, dtype=dtype, device=device)
+    kwargs = _call_kwargs(pipe, prompt, class_label, steps, guidance, height, width, seed)
+    result = compare_pipeline(pipe, method, options, kwargs, warmup=warmup)
+    summary = {"model": model, **result.summary}
+    if out is not None:
+        side_by_side(result.stock, result.patched).save(out)
         summary["image"] = str(out)
     return summary
 

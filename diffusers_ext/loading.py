@@ -34,8 +34,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return names[dtype]
 
 
-def load_pipeline(model: str, dtype: str | torch.dtype | None = "auto", device: str | None = "auto"):
-    """Load a diffusers pipeline from `model` (hub id, local folder, or `tiny:<family>`)."""
+def load_pipeline(model: str, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
+                  use_safetensors: bool | None = None):
+    """Load a diffusers pipeline from `model` (hub id, local folder, or `tiny:<family>`).
+
+    use_safetensors: True loads only `.safetensors` weights (never pickled `.bin` / `.ckpt` files, which
+        can run code when unpickled) and fails if a component has none; None is diffusers' default
+        (safetensors when present, else pickles). Embedded tiny models are built in code either way.
+    """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if model.startswith(TINY_PREFIX):
@@ -46,7 +52,8 @@ def load_pipeline(model: str, dtype: str | torch.dtype | None = "auto", device: 
     from diffusers import DiffusionPipeline
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+        extra = {} if use_safetensors is None else {"use_safetensors": use_safetensors}
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **extra)
     except OSError as err:
         hint = (
             "no local folder of that name exists and the model hub could not be reached"
