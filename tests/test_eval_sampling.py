@@ -198,18 +198,18 @@ def test_cli_sample_then_fid_against_itself(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_then_one_give_the_same_samples(tmp_path):
-    """accelerate launch with 2 CPU processes, killed early by a short run, resumed by 1 process."""
+def test_two_processes_give_the_same_samples_as_one(tmp_path):
+    """torchrun with 2 CPU processes (accelerate launch --cpu starts only one) vs a single process."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = ["sample", "--model", "tiny:dit", "--num-samples", "8", "--steps", "2", "--shard-size", "2",
             "--batch-size", "2", "--no-progress"]
     one = subprocess.run([sys.executable, "-m", "diffusers_ext.cli", *args, "--output-dir", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
                           "diffusers_ext.cli", *args, "--output-dir", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr
+    assert "4 drawn now by process 0 of 2" in two.stdout
     np.testing.assert_array_equal(_load(tmp_path / "one" / "samples.npz")["arr_0"],
                                   _load(tmp_path / "two" / "samples.npz")["arr_0"])

@@ -1,7 +1,8 @@
 """Sub-commands `sample`, `fid` and `fid-stats` of `diffusers-ext` (see docs/fid.md).
 
     diffusers-ext sample --model tiny:dit --num-samples 50000 --output-dir runs/dit --steps 250 --cfg-scale 1.5
-    accelerate launch --num_processes 8 -m diffusers_ext.cli sample ...      (same flags, any process count)
+    accelerate launch --num_processes 8 -m diffusers_ext.cli sample ...      (same flags, any process count;
+    on CPU-only hosts: torchrun --nproc_per_node 2 -m diffusers_ext.cli sample ...)
     diffusers-ext fid runs/dit/samples.npz VIRTUAL_imagenet256_labeled.npz --json report.json
     diffusers-ext fid-stats reference_images/ reference_stats.npz
 """
@@ -108,7 +109,8 @@ def run_sample(args) -> int:
 
         if PartialState().is_main_process:
             written = ", ".join(str(result[k]) for k in ("npz", "png") if result.get(k))
-            print(f"{config.num_samples} samples: {written}")
+            print(f"{config.num_samples} samples: {written} ({result['generated']} drawn now by process 0 of "
+                  f"{result['num_processes']})")
     return 0
 
 

@@ -316,7 +316,7 @@ def run_sampling(
     """Draw the missing samples of `config` into `output_dir` (across accelerate processes) and merge.
 
     Returns {"npz": path or None, "png": folder or None, "generated": samples drawn by this process,
-    "complete": True}. `pipe`: an already loaded pipeline to use instead of loading `config.model`.
+    "complete": True, "num_processes": K}. `pipe`: an already loaded pipeline to use instead of loading `config.model`.
     """
     from accelerate import PartialState
     from tqdm.auto import tqdm
@@ -362,7 +362,8 @@ def run_sampling(
             generated += len(indices)
         bar.close()
     state.wait_for_everyone()
-    result = {"npz": None, "png": None, "generated": generated, "complete": True}
+    result = {"npz": None, "png": None, "generated": generated, "complete": True,
+              "num_processes": state.num_processes}
     if state.is_main_process:
         result.update(merge_shards(config, output_dir, formats, npz_path, png_dir, progress))
         if delete_shards:
