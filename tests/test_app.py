@@ -41,12 +41,17 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def url():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)      # tiny models on a small shared CPU: one thread is fastest
     config = app.AppConfig(**{**CONFIG.__dict__, "port": _free_port()})
     demo = app.build_app(config)
     _, local_url, _ = app.launch_app(demo, config, prevent_thread_lock=True, quiet=True)
     assert local_url.startswith("http://127.0.0.1:")     # loopback only by default
     yield local_url
     demo.close()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
