@@ -55,10 +55,13 @@ def load_pipeline(model: str, dtype: str | torch.dtype | None = "auto", device: 
         extra = {} if use_safetensors is None else {"use_safetensors": use_safetensors}
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **extra)
     except OSError as err:
-        hint = (
-            "no local folder of that name exists and the model hub could not be reached"
-            if not os.path.isdir(model) else "the folder is not a saved diffusers pipeline"
-        )
+        if use_safetensors and "safetensors" in str(err):
+            hint = ("a component has no .safetensors weights, and only safetensors are loaded here (pickled "
+                    ".bin / .ckpt files can run code when loaded); convert the weights to safetensors")
+        elif not os.path.isdir(model):
+            hint = "no local folder of that name exists and the model hub could not be reached"
+        else:
+            hint = "the folder is not a saved diffusers pipeline"
         raise OSError(f"could not load pipeline {model!r}: {hint}. Offline, use an embedded model such as "
                       f"'tiny:sd' ({err.__class__.__name__}: {err})") from err
     return pipe.to(device)
