@@ -22,7 +22,8 @@ What goes in (every batch, one random generator per (seed, step, rank): reproduc
   of the teacher's own sampling run from noise with the pipeline's scheduler: the inputs the model
   sees at inference, at the cost of extra teacher steps), or an image folder encoded with the VAE;
 - noising from the pipeline's scheduler: flow matching (x_t = (1 - sigma) x0 + sigma eps, sigma
-  shifted like the scheduler's `shift`; SD3) or DDPM (x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps).
+  shifted like the scheduler's `shift`; SD3), SiT's interpolant (x_t = t x0 + (1 - t) eps, t ~ U[0, 1],
+  the model takes t itself; `SiTScheduler`) or DDPM (x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps).
 Loss: mean squared error between the student's and the teacher's full outputs (both in fp32).
 
 accelerate throughout: CPU, one GPU, `accelerate launch` multi-GPU / multi-node (DDP), mixed precision
@@ -224,9 +225,10 @@ class Noising:
     def __init__(self, scheduler=None, kind: str | None = None):
         config = getattr(scheduler, "config", {}) or {}
         if kind is None:
-            kind = "flow" if "FlowMatch" in type(scheduler).__name__ else "ddpm"
-        if kind not in ("flow", "ddpm"):
-            raise ValueError(f"noising must be 'flow' or 'ddpm', got {kind!r}")
+            name = type(scheduler).__name__
+            kind = "flow" if "FlowMatch" in name else "interpolant" if name == "SiTScheduler" else "ddpm"
+        if kind not in ("flow", "interpolant", "ddpm"):
+            raise ValueError(f"noising must be 'flow', 'interpolant' or 'ddpm', got {kind!r}")
         self.kind = kind
         self.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
         self.shift = float(config.get("shift", 1.0)) if kind == "flow" else 1.0
@@ -243,6 +245,10 @@ class Noising:
         batch = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.dtype)
         view = (batch,) + (1,) * (x0.ndim - 1)
+        if self.kind == "interpolant":  # SiT: x_t = t x0 + (1 - t) eps, t ~ U[0, 1], the model takes t itself
+            t = torch.rand(batch, generator=generator, dtype=torch.float64)
+            x_t = t.view(view).to(x0.dtype) * x0 + (1 - t).view(view).to(x0.dtype) * noise
+            return x_t, t.float()
         if self.kind == "flow":
             u = torch.rand(batch, generator=generator, dtype=torch.float64)
             sigma = self.shift * u / (1 + (self.shift - 1) * u)
@@ -285,7 +291,7 @@ class Distiller:
 
     The model is patched with `method` and `options` (or already patched: `method=None`). Custom
     `conditions` (an object with `sample(batch_size, generator) -> kwargs`) replace the default
-    prompts / class labels; `noising` ("flow" | "ddpm") overrides the scheduler's.
+    prompts / class labels; `noising` ("flow" | "interpolant" | "ddpm") overrides the scheduler's.
     """
 
     def __init__(self, pipe_or_model, method: str | None = None, config: DistillConfig | None = None, *,

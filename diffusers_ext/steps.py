@@ -7,8 +7,10 @@ writes them into a `StepState` that the processors of one patch share.
 Where the step sits in the run:
 - patched through a pipeline: the timestep is located in `pipe.scheduler.timesteps` (looked up at
   call time, so swapping the scheduler after patching is fine); `progress = index / len(timesteps)`.
-- a bare denoiser, or a timestep the scheduler does not list: the timestep is placed in the model's
-  training range, `progress = 1 - t / num_train_timesteps` (t = 999 of 1000 is the start of a run).
+- a timestep the scheduler does not list (e.g. in distillation): the scheduler's own
+  `progress_of_timestep(t)` where it has one (SiT: t itself), else, as for a bare denoiser, the
+  timestep is placed in the model's training range, `progress = 1 - (t + 1) / num_train_timesteps`
+  (t = 999 of 1000 is the start of a run).
 
 Processors never read the raw timestep: every `Schedule` of a patch is evaluated once per forward
 into a plain bool (`state.active[key]`), so torch.compile sees at most two values per schedule and
@@ -152,6 +154,8 @@ class StepTracker(ModelHook):
             index = int(distance.argmin())
             if distance[index] <= 1e-3 * max(1.0, abs(t)):
                 return index, len(ts), index / len(ts)
+        if hasattr(scheduler, "progress_of_timestep"):  # a scheduler with its own time convention (SiT)
+            return None, None, scheduler.progress_of_timestep(t)
         train_steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
         train_steps = train_steps or self.num_train_timesteps
         return None, None, min(max(1.0 - (t + 1.0) / train_steps, 0.0), 1.0)

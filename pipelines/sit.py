@@ -71,6 +71,11 @@ class SiTScheduler(SchedulerMixin, ConfigMixin):
         self.grid = self.grid.to(device) if device is not None else self.grid
         self.timesteps = self.timesteps.to(device) if device is not None else self.timesteps
 
+    def progress_of_timestep(self, t: float) -> float:
+        """Where a model call at time t sits in a run (read by diffusers_ext's step tracker for times
+        off the sampling grid, e.g. in distillation): SiT integrates from t = 0 (noise) to 1 (data)."""
+        return min(max(float(t), 0.0), 1.0)
+
     def diffusion(self, t: float) -> float:
         """w(t) of SiT's "sigma" diffusion form."""
         return self.config.diffusion_norm * (1.0 - t)

@@ -214,3 +214,20 @@ def test_tiny_pipeline_patch_tracks_sit_steps():
     pipe([1], num_inference_steps=3, sampler="ode-euler", output_type="latent")
     dx.unpatch(pipe)
     assert seen == [(0, 3), (1, 3), (2, 3)]
+
+
+def test_step_tracker_places_off_grid_sit_times_by_the_schedulers_convention():
+    """In distillation the SiT model sees times off the sampling grid: t itself is the progress."""
+    import diffusers_ext as dx
+    from diffusers_ext.pipelines.sit import tiny_sit_pipeline
+
+    pipe = tiny_sit_pipeline()
+    record = dx.patch(pipe, "mediator", mediators=(4, 16), switch_at=(0.5,))
+    try:
+        x = torch.randn(2, 4, 16, 16)
+        with torch.no_grad():
+            for t, expected in ((0.2, 0.2), (0.9, 0.9)):
+                pipe.transformer(x, timestep=torch.full((2,), t), class_labels=torch.tensor([1, 2]))
+                assert record.state.progress == pytest.approx(expected)
+    finally:
+        dx.unpatch(pipe)
