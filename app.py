@@ -272,7 +272,7 @@ class Worker:
                 kwargs["class_labels"] = [label] * batch
 
             def report(done, total, phase):
-                progress(min(done / total, 1.0), desc=f"{phase}: step {done} of {total}")
+                progress(min(done / total, 1.0), desc=f"{phase} run: denoiser call {done} of {total}")
 
             return compare_pipeline(pipe, method, options, kwargs, warmup=warmup, progress=report)
 
@@ -312,7 +312,7 @@ class Worker:
             def counted(phase):
                 def on_forward():
                     done[0] += 1
-                    progress(min(done[0] / total, 1.0), desc=f"{phase}: step {done[0]} of {total}")
+                    progress(min(done[0] / total, 1.0), desc=f"{phase} run: denoiser call {done[0]} of {total}")
                 return on_forward
 
             pipe.set_progress_bar_config(disable=True)
