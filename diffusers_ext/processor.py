@@ -110,6 +110,26 @@ def project_kv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (attn.norm_k(k) if attn.norm_k is not None else k), v
 
 
+def project_text(attn, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SD3 joint attention's text stream: tokens c (B, M, C_text) -> q, k, v (B, h, M, d) through
+    `add_{q,k,v}_proj`, with the added q/k norms (SD3.5's RMSNorm) where the module has them."""
+    q = split_heads(attn.add_q_proj(c), attn.heads)
+    k = split_heads(attn.add_k_proj(c), attn.heads)
+    v = split_heads(attn.add_v_proj(c), attn.heads)
+    if attn.norm_added_q is not None:
+        q = attn.norm_added_q(q)
+    if attn.norm_added_k is not None:
+        k = attn.norm_added_k(k)
+    return q, k, v
+
+
+def project_text_out(attn, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Text heads (B, h, M, d) -> (B, M, C_text): `to_add_out`, except in a `context_pre_only`
+    block, whose text output the model discards (returned unprojected)."""
+    o = merge_heads(o).to(dtype)
+    return o if attn.context_pre_only else attn.to_add_out(o)
+
+
 def project_out(attn, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Heads (B, h, N, d) -> output projection and dropout -> (B, N, C_out) in `dtype`."""
     o = merge_heads(o).to(dtype)

@@ -35,7 +35,8 @@ from torch import nn
 
 from diffusers_ext.ops import GridDepthwiseConv, gated_linear_attention, sdpa
 from diffusers_ext.processor import (
-    PatchProcessor, merge_heads, project_kv, project_out, project_q, run_self_attention, split_heads,
+    PatchProcessor, merge_heads, project_kv, project_out, project_q, project_text, project_text_out, run_self_attention,
+    split_heads,
 )
 from diffusers_ext.processors.ttt import T5Method, _blocks
 from diffusers_ext.registry import Method, Option, boolean, number, one_of, register_method, schedule
@@ -87,6 +88,8 @@ class LinaAttnProcessor(PatchProcessor):
     the gate grid, and for joint attention `text_key_gate` / `text_value_gate` (1, h, T, 1). The gates
     are created by `build_gates` (the method calls it once the model's native grid is known)."""
 
+    label = "LINA"
+
     def __init__(self, original, site, state, options):
         super().__init__(original, site, state)
         attn = site.module
@@ -117,13 +120,6 @@ class LinaAttnProcessor(PatchProcessor):
             self.text_value_gate = nn.Parameter(torch.ones(1, self.heads, self._text_gate_tokens, 1, **factory))
 
     # --- the pieces -----------------------------------------------------------------------------------
-
-    def _grid(self, num_tokens: int) -> tuple[int, int]:
-        grid = self.state.grid(num_tokens)
-        if grid is None:
-            raise ValueError(f"LINA at {self.site_name}: {num_tokens} image tokens do not form a grid of the "
-                             f"{self.state.latent_hw} latent")
-        return grid
 
     def image_gates(self, grid: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(key gate, value gate) (1, h, H*W, 1) for the image grid `grid`, or (None, None) = 1."""
@@ -160,7 +156,7 @@ class LinaAttnProcessor(PatchProcessor):
 
     def self_attend(self, attn, x: torch.Tensor) -> torch.Tensor:
         """Image self-attention: x (B, N, C) on the grid -> (B, N, C_out) after `to_out`."""
-        grid = self._grid(x.shape[1])
+        grid = self.grid_of(x.shape[1])
         q = project_q(attn, x)
         k, v = project_kv(attn, x)
         out = gated_linear_attention(q.float(), k, v, *self.image_gates(grid), eps=self.eps)  # fp32
@@ -169,17 +165,11 @@ class LinaAttnProcessor(PatchProcessor):
     def joint_attend(self, attn, x: torch.Tensor, c: torch.Tensor):
         """SD3 joint attention: image tokens x (B, N, C), text tokens c (B, M, C_text) ->
         (image output (B, N, C), text output (B, M, C_text) or, with `context_pre_only`, unprojected)."""
-        grid = self._grid(x.shape[1])
+        grid = self.grid_of(x.shape[1])
         num_image, num_text = x.shape[1], c.shape[1]
         q = project_q(attn, x)
         k, v = project_kv(attn, x)
-        q_text = split_heads(attn.add_q_proj(c), self.heads)
-        k_text = split_heads(attn.add_k_proj(c), self.heads)
-        v_text = split_heads(attn.add_v_proj(c), self.heads)
-        if attn.norm_added_q is not None:
-            q_text = attn.norm_added_q(q_text)
-        if attn.norm_added_k is not None:
-            k_text = attn.norm_added_k(k_text)
+        q_text, k_text, v_text = project_text(attn, c)
         keys, values = torch.cat([k, k_text.to(k.dtype)], dim=2), torch.cat([v, v_text.to(v.dtype)], dim=2)
         (image_k, image_v), (text_k, text_v) = self.image_gates(grid), self.text_gates(num_text)
         key_gate = _join(image_k, text_k, num_image, num_text, self.heads)
@@ -196,11 +186,7 @@ class LinaAttnProcessor(PatchProcessor):
         else:  # exact (ungated) softmax rows for the text queries over all keys
             out_text = sdpa(q_text, keys.to(q_text.dtype), values.to(q_text.dtype), attn.scale)
 
-        out_image = project_out(attn, out_image, x.dtype)
-        out_text = merge_heads(out_text).to(c.dtype)
-        if not attn.context_pre_only:
-            out_text = attn.to_add_out(out_text)
-        return out_image, out_text
+        return project_out(attn, out_image, x.dtype), project_text_out(attn, out_text, c.dtype)
 
 
 def _join(image_gate, text_gate, num_image: int, num_text: int, heads: int):

@@ -35,7 +35,8 @@ from torch import nn
 
 from diffusers_ext.ops import GridDepthwiseConv, key_instance_norm, sdpa, ttt_attention, ttt_inner_step, ttt_read
 from diffusers_ext.processor import (
-    PatchProcessor, compute_dtype, merge_heads, project_kv, project_out, project_q, run_self_attention, split_heads,
+    PatchProcessor, compute_dtype, merge_heads, project_kv, project_out, project_q, project_text, project_text_out,
+    run_self_attention, split_heads,
 )
 from diffusers_ext.registry import Method, Option, boolean, number, one_of, register_method, schedule
 
@@ -120,14 +121,7 @@ class TTTAttnProcessor(PatchProcessor):
         dtype = compute_dtype(attn, x.dtype)
         q = project_q(attn, x).to(dtype)
         k, v = (t.to(dtype) for t in project_kv(attn, x))
-        q_text = split_heads(attn.add_q_proj(c), self.heads)
-        k_text = split_heads(attn.add_k_proj(c), self.heads)
-        v_text = split_heads(attn.add_v_proj(c), self.heads).to(dtype)
-        if attn.norm_added_q is not None:
-            q_text = attn.norm_added_q(q_text)
-        if attn.norm_added_k is not None:
-            k_text = attn.norm_added_k(k_text)
-        q_text, k_text = q_text.to(dtype), k_text.to(dtype)
+        q_text, k_text, v_text = (t.to(dtype) for t in project_text(attn, c))
 
         q_img, k_img = self._image_qk(q, k, grid)
         keys = torch.cat([k_img, key_instance_norm(k_text, KEY_NORM_EPS)], dim=2)
@@ -143,11 +137,7 @@ class TTTAttnProcessor(PatchProcessor):
             out_image = ttt_read(q_img, w1, w2)
             out_text = sdpa(q_text, torch.cat([k, k_text], dim=2), values, attn.scale)
 
-        out_image = project_out(attn, out_image, x.dtype)
-        out_text = merge_heads(out_text).to(c.dtype)
-        if not attn.context_pre_only:
-            out_text = attn.to_add_out(out_text)
-        return out_image, out_text
+        return project_out(attn, out_image, x.dtype), project_text_out(attn, out_text, c.dtype)
 
 
 @register_method
