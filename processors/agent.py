@@ -12,9 +12,16 @@ AgentSD's training-free recipe (SD 1.5, 50 steps), the defaults here:
 - the tokens themselves are merged too (ToMe, `merge_ratio=0.4`) and unmerged after attention;
 - agent attention in the first 40 % of steps (`agent_steps`); in the other steps of `steps` only
   token merging (on 2 x 2 cells, `merge_stride`), or stock attention with `merge_ratio=0`;
-- self-attention (`attn1`) of the highest-resolution blocks only (`max_downsample=1`, 5 of 16
-  blocks in SD 1.x). SDXL has no attention at its first level, so its default is 2 (the second
-  level); a choice that selects nothing is an error, never a silent no-op.
+- self-attention (`attn1`) of the highest-resolution blocks only (ToMe's `max_downsample=1`, 5 of
+  16 blocks in SD 1.x), written for 512^2 images, where that level is a 64 x 64 grid.
+
+Where, here (a choice, measured in benchmarks/results/agent_unet.md): every self-attention layer
+of at least `min_tokens=4096` tokens (a 64 x 64 grid, what AgentSD patches at 512^2), and always
+the finest level that has attention. At 512^2 on SD 1.x this is exactly AgentSD's placement; at
+1024^2 it adds the 64 x 64 second level, which ToMe's fixed `max_downsample=1` would leave as
+full softmax attention over 4,096 tokens; on SDXL (no attention at its first level) it is the
+second level, so the patch always acts. `max_downsample` bounds the levels considered, and a
+choice that selects no layer is an error, never a silent no-op.
 - k_scale2 = 0.3 (a much sharper read-back softmax), k_shortcut = 0.075 (stands in for the
   trained depthwise conv of V), no agent biases (they need training).
 
@@ -52,9 +59,14 @@ class AgentAttnProcessor(SelfAttentionProcessor):
         self.k_shortcut = options["k_shortcut"]
         self.random_dst = options["random_dst"]
         self.seed = options["seed"]
+        self.level = site.level
+        self.min_tokens = options["min_tokens"]
+        self.finest = False  # set by AgentMethod.attach: the finest patched level always acts
 
     def patched(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
-        if self.merge_ratio == 0 and not self.state.active.get("agent_steps", True):
+        num_tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states[0, 0].numel()
+        small = num_tokens < self.min_tokens and not self.finest
+        if small or (self.merge_ratio == 0 and not self.state.active.get("agent_steps", True)):
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)  # exact stock
         return super().patched(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
@@ -105,8 +117,9 @@ class AgentMethod(Method):
                schedule("steps")),
         Option("agent_steps", (0.0, 0.4), "part of the run with agent attention; elsewhere token merging only",
                schedule("agent_steps")),
-        Option("max_downsample", {"sdxl": 2, "*": 1}, "patch UNet levels with at most this downsampling",
-               one_of(1, 2, 4, 8)),
+        Option("max_downsample", 8, "consider UNet levels with at most this downsampling", one_of(1, 2, 4, 8)),
+        Option("min_tokens", 4096, "act on layers of at least this many tokens (and always the finest level)",
+               number(1, None, integer=True)),
         Option("agent_stride", 4, "one agent per agent_stride x agent_stride cell", number(2, 16, integer=True)),
         Option("agent_source", "merge", "agents by ToMe matching ('merge', AgentSD) or average pooling ('pool')",
                one_of("merge", "pool")),
@@ -130,4 +143,11 @@ class AgentMethod(Method):
 
     def make_processor(self, site, original, options, state):
         return AgentAttnProcessor(original, site, state, options)
+
+    def attach(self, denoiser, record):
+        modules = dict(denoiser.named_modules())
+        processors = [modules[name].processor for name in record.sites]
+        finest = min(p.level for p in processors)
+        for processor in processors:
+            processor.finest = processor.level == finest
 

@@ -113,7 +113,7 @@ def _site():
 
 def _processor(attn, site, latent_hw, agent_phase=True, **options):
     method = get_method("agent")
-    resolved = method.resolve_options("sd", options)
+    resolved = method.resolve_options("sd", {"min_tokens": 1, **options})   # small test grids act
     state = StepState(schedules={"steps": Schedule(), "agent_steps": resolved["agent_steps"]})
     state.latent_hw = latent_hw
     state.update(999.0, 0, 50, 0.0 if agent_phase else 0.9)
@@ -249,11 +249,13 @@ def test_pipeline_is_deterministic_and_leaves_global_rng_alone(pipeline_of):
 
 def test_sdxl_default_acts_and_animatediff_spares_motion_modules(pipeline_of):
     sdxl = pipeline_of("sdxl")
+    model, kwargs = denoiser_inputs(sdxl)
+    stock = run_denoiser(model, kwargs)
     record = dx.patch(sdxl, "agent")
     try:
-        assert record.options["max_downsample"] == 2 and record.sites
-        model, kwargs = denoiser_inputs(sdxl)
-        assert torch.isfinite(run_denoiser(model, kwargs)).all()
+        assert record.sites and all(".attn1" in n for n in record.sites)
+        out = run_denoiser(model, kwargs)
+        assert torch.isfinite(out).all() and not torch.equal(out, stock)   # it acts on SDXL by default
     finally:
         dx.unpatch(sdxl)
     video = pipeline_of("animatediff")
@@ -303,3 +305,21 @@ def test_todo_matches_dense_downsampled_attention(mode):
         o = softmax_attention(split(attn.to_q(x)), split(attn.to_k(small)), split(attn.to_v(small)), 8**-0.5)
         expected = attn.to_out[0](o.transpose(1, 2).reshape(2, 48, 32))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_min_tokens_places_agent_attention(pipeline_of, monkeypatch):
+    """Layers of >= min_tokens tokens act, and always the finest level; smaller ones run stock."""
+    from diffusers_ext.processors.agent import AgentAttnProcessor
+
+    acted = []
+    attend = AgentAttnProcessor.attend
+    monkeypatch.setattr(AgentAttnProcessor, "attend", lambda self, attn, x: acted.append(
+        (self.level, x.shape[1])) or attend(self, attn, x))
+    pipe = pipeline_of("sd")                    # 32 x 32 latent: level 0 has 1024 tokens, level 1 has 256
+    model, kwargs = denoiser_inputs(pipe)
+    for options, expected in [({}, {(0, 1024)}), ({"min_tokens": 256}, {(0, 1024), (1, 256)}),
+                              ({"max_downsample": 1, "min_tokens": 1}, {(0, 1024)})]:
+        acted.clear()
+        with dx.patched(pipe, "agent", **options):
+            run_denoiser(model, kwargs)
+        assert set(acted) == expected, options

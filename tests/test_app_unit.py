@@ -27,7 +27,7 @@ def test_option_widgets_follow_the_checks():
     assert fields["agent", "agent_stride"].kind == "integer"
     assert fields["agent", "merge_ratio"].kind == "number"
     assert (fields["agent", "agent_source"].kind, fields["agent", "agent_source"].choices) == ("choice", ["merge", "pool"])
-    assert fields["agent", "max_downsample"].kind == "text"          # per-family default
+    assert fields["todo", "max_downsample"].kind == "text"           # per-family default
     assert fields["agent", "agent_steps"].kind == "text"             # a schedule
     assert fields["mediator", "mediators"].kind == "text"            # a count or a tuple of counts
 
