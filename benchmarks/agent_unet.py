@@ -9,7 +9,9 @@ Each case builds one UNet (SD 1.5: the default UNet2DConditionModel with cross_a
 weights — and times one forward at batch 2 (a classifier-free-guidance step) for:
 
     stock          diffusers' SDPA attention
-    agent-early    agent attention + ToMe (AgentSD's first 40 % of steps; merge on 4x4 cells)
+    agent-early    agent attention + ToMe (AgentSD's first 40 % of steps; merge on 4x4 cells), on
+                   every self-attention layer of >= 4096 tokens (the default placement)
+    agent-l0       agent-early on the first level only (AgentSD's fixed max_downsample=1)
     agent-late     ToMe only, ratio 0.4 on 2x2 cells (AgentSD's last 60 % of steps)
     agent-recipe   0.4 * early + 0.6 * late: the default recipe's mean step
     agent-pool     agent-early with average-pooled agents instead of ToMe-matched ones
@@ -133,6 +135,7 @@ def configured(unet, name: str):
             "agent-early": ({}, EARLY_T), "agent-late": ({}, LATE_T),
             "agent-pool": ({"agent_source": "pool"}, EARLY_T),
             "agent-nomerge": ({"merge_ratio": 0.0}, EARLY_T),
+            "agent-l0": ({"max_downsample": 1, "min_tokens": 1}, EARLY_T),
             "todo": (None, EARLY_T),
         }[name]
         with dx.patched(unet, "todo") if options is None else dx.patched(unet, "agent", **options):
@@ -182,7 +185,8 @@ def run_case(case: str, configs: list[str], repeats: int, device, dtype) -> dict
     return {"case": case, "arch": arch, "side": side, "batch": 2, "repeats": repeats, "rows": rows}
 
 
-ORDER = ["stock", "agent-early", "agent-late", "agent-recipe", "agent-pool", "agent-nomerge", "tomesd", "todo"]
+ORDER = ["stock", "agent-early", "agent-late", "agent-recipe", "agent-pool", "agent-nomerge", "agent-l0", "tomesd",
+         "todo"]
 
 
 def write_table(results: dict, path: Path, meta: dict) -> None:
