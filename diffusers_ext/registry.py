@@ -84,6 +84,10 @@ def schedule(name: str):
     return lambda value: Schedule.parse(value, name)
 
 
+# the option every method has: where in the denoising run the patch acts
+STEPS = Option("steps", None, "part of the run where the patch acts (fractions or step indices)", schedule("steps"))
+
+
 # --- methods -----------------------------------------------------------------------------------------
 
 class Method:

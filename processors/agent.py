@@ -41,7 +41,7 @@ from diffusers_ext.merge import match_on_grid
 from diffusers_ext.families import unet_self_attention
 from diffusers_ext.ops import agent_attention, pool_on_grid, sdpa
 from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, project_kv, project_out, project_q
-from diffusers_ext.registry import Method, Option, boolean, number, one_of, register_method, schedule
+from diffusers_ext.registry import STEPS, Method, Option, boolean, number, one_of, register_method, schedule
 
 
 class AgentAttnProcessor(SelfAttentionProcessor):
@@ -113,8 +113,7 @@ class AgentMethod(Method):
     training_free = True
     description = "Agent attention + token merging on UNet self-attention (AgentSD, training-free)"
     options = (
-        Option("steps", None, "part of the run where the patch acts (fractions or step indices)",
-               schedule("steps")),
+        STEPS,
         Option("agent_steps", (0.0, 0.4), "part of the run with agent attention; elsewhere token merging only",
                schedule("agent_steps")),
         Option("max_downsample", 8, "consider UNet levels with at most this downsampling", one_of(1, 2, 4, 8)),

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from diffusers_ext.ops import sdpa
 from diffusers_ext.processor import PatchProcessor, compute_dtype, project_kv, project_out, project_q, run_self_attention
-from diffusers_ext.registry import Method, Option, number, one_of, register_method, schedule
+from diffusers_ext.registry import STEPS, Method, Option, number, one_of, register_method
 
 MODES = ("concat", "replace")
 
@@ -145,7 +145,7 @@ class AnchorFrameMethod(Method):
     description = ("FAAC anchor frame: every frame's spatial self-attention also reads the anchor frame's "
                    "keys and values (AnimateDiff, training-free)")
     options = (
-        Option("steps", None, "part of the run where the patch acts (fractions or step indices)", schedule("steps")),
+        STEPS,
         Option("anchor", 0, "index of the anchor frame (negative counts from the end: -1 = last)",
                number(-1024, 1023, integer=True)),
         Option("mode", "concat", "'concat': anchor K/V appended to each frame's own; 'replace': the anchor's "

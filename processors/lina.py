@@ -39,7 +39,7 @@ from diffusers_ext.processor import (
     split_heads,
 )
 from diffusers_ext.processors.ttt import T5Method, _blocks
-from diffusers_ext.registry import Method, Option, boolean, number, one_of, register_method, schedule
+from diffusers_ext.registry import STEPS, Method, Option, boolean, number, one_of, register_method
 
 
 def _grid_or_auto(value):
@@ -215,7 +215,7 @@ class LinaMethod(Method):
     description = ("LINA: division-normalised ReLU linear attention with a learnable KV gate and a depthwise "
                    "conv (SD3/SD3.5 joint attention, DiT/SiT self-attention; needs a short fine-tune)")
     options = (
-        Option("steps", None, "part of the run where the patch acts (fractions or step indices)", schedule("steps")),
+        STEPS,
         Option("blocks", "all", "transformer blocks to convert: 'all' or a list of block indices", _blocks),
         Option("dual_attention", True, "SD3.5: also convert the image self-attention `attn2` of dual-attention blocks",
                boolean),

@@ -42,7 +42,7 @@ from torch import nn
 from diffusers_ext.ops import GridDepthwiseConv, interpolated_bias, mediator_attention, pool_on_grid
 from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, merge_heads, project_kv, project_out, \
     project_q, split_heads
-from diffusers_ext.registry import Method, Option, boolean, number, one_of, register_method, schedule
+from diffusers_ext.registry import STEPS, Method, Option, boolean, number, one_of, register_method
 
 DEFAULT_MEDIATORS = 64
 _COUNTS_OF_STATE: "weakref.WeakValueDictionary[int, MediatorCounts]" = weakref.WeakValueDictionary()
@@ -243,7 +243,7 @@ class MediatorMethod(Method):
     description = ("Attention mediators with a step-wise dynamic count (DiT / SiT); training-free as "
                    "pooled-query agent attention, fine-tune the biases and DWC for quality")
     options = (
-        Option("steps", None, "part of the run where the patch acts (fractions or step indices)", schedule("steps")),
+        STEPS,
         Option("mediators", DEFAULT_MEDIATORS,
                "mediator count (a perfect square), or several used in order through the run, e.g. (16, 64)",
                _square_counts),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers_ext.families import unet_self_attention
 from diffusers_ext.ops import grid_to_tokens, sdpa, tokens_to_grid
 from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, project_kv, project_out, project_q
-from diffusers_ext.registry import Method, Option, number, one_of, register_method, schedule
+from diffusers_ext.registry import STEPS, Method, Option, number, one_of, register_method
 
 
 class ToDoAttnProcessor(SelfAttentionProcessor):
@@ -53,7 +53,7 @@ class ToDoMethod(Method):
     training_free = True
     description = "Token downsampling of keys/values on UNet self-attention (ToDo, training-free peer)"
     options = (
-        Option("steps", None, "part of the run where the patch acts", schedule("steps")),
+        STEPS,
         Option("factor", 2, "downsampling factor of keys and values on the grid", number(2, 8, integer=True)),
         Option("mode", "nearest", "'nearest' (ToDo) or 'avg' pooling", one_of("nearest", "avg")),
         Option("max_downsample", {"sdxl": 2, "*": 1}, "patch UNet levels with at most this downsampling",

@@ -38,7 +38,7 @@ from diffusers_ext.processor import (
     PatchProcessor, compute_dtype, merge_heads, project_kv, project_out, project_q, project_text, project_text_out,
     run_self_attention, split_heads,
 )
-from diffusers_ext.registry import Method, Option, boolean, number, one_of, register_method, schedule
+from diffusers_ext.registry import STEPS, Method, Option, boolean, number, one_of, register_method
 
 KEY_NORM_EPS = 1.0
 
@@ -148,7 +148,7 @@ class T5Method(Method):
     description = ("T^5: attention linearised by one closed-form test-time-training step "
                    "(SD3/SD3.5 joint attention, DiT self-attention; needs a short fine-tune)")
     options = (
-        Option("steps", None, "part of the run where the patch acts (fractions or step indices)", schedule("steps")),
+        STEPS,
         Option("blocks", "all", "transformer blocks to convert: 'all' or a list of block indices", _blocks),
         Option("dual_attention", True, "SD3.5: also convert the image self-attention `attn2` of dual-attention blocks",
                boolean),

@@ -37,7 +37,7 @@ from diffusers_ext.ops import (GridDepthwiseConv, diff_lambda, differential_atte
                                pool_on_grid, rms_norm, sdpa)
 from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, merge_heads, project_kv, project_out, \
     project_q, split_heads
-from diffusers_ext.registry import Method, Option, boolean, number, register_method, schedule
+from diffusers_ext.registry import STEPS, Method, Option, boolean, number, register_method
 
 
 def _square(value):
@@ -123,7 +123,7 @@ class VCAMethod(Method):
     training_free = False
     description = "Visual-contrast attention (linear differential attention) on DiT / SiT; needs a short fine-tune"
     options = (
-        Option("steps", None, "part of the run where the patch acts (fractions or step indices)", schedule("steps")),
+        STEPS,
         Option("tokens", 64, "number of contrast tokens per stream (a perfect square; 8 x 8 in the paper)", _square),
         Option("dwc", True, "depthwise 3x3 conv on V (zero-initialised)", boolean),
         Option("calibrate", True, "set the stage-II RMSNorm gain from the first batch (while still at init) so "
