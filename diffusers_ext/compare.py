@@ -25,16 +25,16 @@ DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 
 
 def parse_options(pairs: list[str] | None) -> dict:
-    """["k=v", ...] -> {k: literal_eval(v) or the string v}."""
+    """["k=v", ...] -> {k: literal_eval(v) or the string v} (the `--option` flags of every command)."""
     options = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--option expects key=value, got {pair!r}")
         try:
-            options[key.strip()] = ast.literal_eval(value)
+            options[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
-            options[key.strip()] = value
+            options[key.strip()] = value.strip()
     return options
 
 

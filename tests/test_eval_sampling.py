@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_ext.eval.sampling import SampleConfig, Sampler, parse_options, run_sampling, sample_seed
+from diffusers_ext.compare import parse_options
+from diffusers_ext.eval.sampling import SampleConfig, Sampler, run_sampling, sample_seed
 
 
 def _dit_config(**kw):

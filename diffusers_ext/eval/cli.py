@@ -91,7 +91,8 @@ def register(subparsers) -> None:
 def run_sample(args) -> int:
     from pathlib import Path
 
-    from .sampling import SampleConfig, parse_options, run_sampling
+    from ..compare import parse_options
+    from .sampling import SampleConfig, run_sampling
 
     config = SampleConfig(
         model=args.model, num_samples=args.num_samples, seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale,

@@ -18,7 +18,6 @@ conditional pipelines, like guided-diffusion) and/or `OUTPUT/png/000000.png ...`
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
 import inspect
@@ -40,20 +39,6 @@ def sample_seed(seed: int, index: int) -> int:
     """The 63-bit seed of sample `index` (distinct base seeds never share samples, unlike seed + i)."""
     state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
     return int(state[0]) << 31 | int(state[1]) >> 1
-
-
-def parse_options(items: list[str] | None) -> dict:
-    """["k=v", ...] -> {k: literal_eval(v) or the string v}."""
-    options = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--option expects key=value, got {item!r}")
-        try:
-            options[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            options[key.strip()] = value.strip()
-    return options
 
 
 @dataclasses.dataclass
