@@ -164,8 +164,8 @@ def main(argv=None):
         "",
         f"Machine: {cpu}, {os.cpu_count()} CPU threads visible, torch {torch.__version__}, fp32, CPU, "
         f"no GPU; batch 2 (cfg); {args.layers} of the 28 DiT-XL/2 blocks timed (every block has the same "
-        f"ratio); median of {args.repeats} round-robin repeats after a warm-up. Other jobs shared the "
-        "2 cores, so absolute seconds are noisy; the ratios come from one interleaved run.", "",
+        f"ratio); median of {args.repeats} round-robin repeats after a warm-up. Load average at the "
+        f"start: {os.getloadavg()[0]:.1f}; the ratios come from one interleaved run.", "",
         "speed-up = stock seconds / variant seconds (> 1 is faster). 'trained' variants have random "
         "non-zero new parameters (biases / DWC / embeddings), the cost of a fine-tuned model; the "
         "untrained mediator patch skips zero biases and the zero DWC.", "",
