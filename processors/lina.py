@@ -38,8 +38,8 @@ from diffusers_ext.processor import (
     PatchProcessor, merge_heads, project_kv, project_out, project_q, project_text, project_text_out, run_self_attention,
     split_heads,
 )
-from diffusers_ext.processors.ttt import T5Method, _blocks
-from diffusers_ext.registry import STEPS, Method, Option, boolean, number, one_of, register_method
+from diffusers_ext.processors.ttt import BLOCKS, DUAL_ATTENTION, T5Method
+from diffusers_ext.registry import STEPS, Method, Option, number, one_of, register_method
 
 
 def _grid_or_auto(value):
@@ -216,9 +216,8 @@ class LinaMethod(Method):
                    "conv (SD3/SD3.5 joint attention, DiT/SiT self-attention; needs a short fine-tune)")
     options = (
         STEPS,
-        Option("blocks", "all", "transformer blocks to convert: 'all' or a list of block indices", _blocks),
-        Option("dual_attention", True, "SD3.5: also convert the image self-attention `attn2` of dual-attention blocks",
-               boolean),
+        BLOCKS,
+        DUAL_ATTENTION,
         Option("text_tokens", "linear",
                "SD3 text queries: 'linear' (read the gated linear memory) or 'softmax' (exact attention over all keys)",
                one_of("linear", "softmax")),

@@ -140,6 +140,12 @@ class TTTAttnProcessor(PatchProcessor):
         return project_out(attn, out_image, x.dtype), project_text_out(attn, out_text, c.dtype)
 
 
+# Which attention a conversion of a transformer replaces (shared with LINA, which converts the same sites).
+BLOCKS = Option("blocks", "all", "transformer blocks to convert: 'all' or a list of block indices", _blocks)
+DUAL_ATTENTION = Option("dual_attention", True,
+                        "SD3.5: also convert the image self-attention `attn2` of dual-attention blocks", boolean)
+
+
 @register_method
 class T5Method(Method):
     name = "t5"
@@ -149,9 +155,8 @@ class T5Method(Method):
                    "(SD3/SD3.5 joint attention, DiT self-attention; needs a short fine-tune)")
     options = (
         STEPS,
-        Option("blocks", "all", "transformer blocks to convert: 'all' or a list of block indices", _blocks),
-        Option("dual_attention", True, "SD3.5: also convert the image self-attention `attn2` of dual-attention blocks",
-               boolean),
+        BLOCKS,
+        DUAL_ATTENTION,
         Option("text_tokens", "softmax",
                "SD3 text queries: 'softmax' (exact attention over all keys, linear in image tokens) or 'ttt'",
                one_of("softmax", "ttt")),
@@ -170,8 +175,9 @@ class T5Method(Method):
             depths = sorted({s.depth for s in chosen})
             missing = [b for b in blocks if b not in depths]
             if missing:
+                have = f"blocks {depths[0]}..{depths[-1]}" if depths else "none"
                 raise ValueError(f"option `blocks`: no block(s) {missing} with convertible attention; this model "
-                                 f"has blocks {depths[0]}..{depths[-1]}" if depths else "none")
+                                 f"has {have}")
             chosen = [s for s in chosen if s.depth in blocks]
         return chosen
 
