@@ -36,12 +36,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import diffusers_ext as dx  # noqa: E402
-from diffusers_ext.compare import DEFAULT_PROMPT, DenoiserTimer, _call_kwargs, compare_pipeline  # noqa: E402
+from diffusers_ext.compare import (  # noqa: E402
+    DEFAULT_METHODS, DEFAULT_PROMPT, DenoiserTimer, _call_kwargs, compare_pipeline,
+)
 from diffusers_ext.registry import all_methods  # noqa: E402
 
 logger = logging.getLogger("diffusers_ext.app")
 
-EMBEDDED_MODELS = ("tiny:sd", "tiny:sdxl", "tiny:sd3", "tiny:sd35", "tiny:dit", "tiny:sit")
+EMBEDDED_MODELS = ("digits", "tiny:sd", "tiny:sdxl", "tiny:sd3", "tiny:sd35", "tiny:dit", "tiny:sit")
+EMBEDDED_FAMILIES = {"digits": "dit", "tiny:sd": "sd", "tiny:sdxl": "sdxl", "tiny:sd3": "sd3", "tiny:sd35": "sd3",
+                     "tiny:dit": "dit", "tiny:sit": "dit"}
 VIDEO_METHOD = "anchor_frame"
 HAS_VIDEO = importlib.util.find_spec("diffusers_ext.pipelines.animatediff_anchor") is not None
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -54,7 +58,7 @@ class AppConfig:
 
     host: str = "127.0.0.1"
     port: int = 7860
-    model: str = "tiny:sd"                     # preselected image model
+    model: str = "digits"                      # preselected image model (the shipped digits SiT)
     models: tuple[str, ...] = EMBEDDED_MODELS  # offered in the model list
     custom_models: bool = True                 # also accept other hub ids / local folders
     video_model: str = "tiny:animatediff"
@@ -196,10 +200,10 @@ class Worker:
             return model
         if not self.config.custom_models:
             raise InputError(f"model {model!r} is not offered here; choose one of {', '.join(self.config.models)}")
-        if model.startswith("tiny:") or HUB_ID.match(model) or Path(model).expanduser().is_dir():
+        if model.startswith("tiny:") or model == "digits" or HUB_ID.match(model) or Path(model).expanduser().is_dir():
             return model
         raise InputError(f"model {model!r} is neither a hub id (owner/name), a local pipeline folder, "
-                         f"nor an embedded model (tiny:sd, tiny:dit, ...)")
+                         f"nor an embedded model (digits, tiny:sd, tiny:dit, ...)")
 
     def check_int(self, name: str, value, low: int, high: int | None, flag: str | None = None) -> int:
         if value is None or value == "":
@@ -342,6 +346,13 @@ class Worker:
         return stock_path, anchor_path, float(np.mean(stock_times)), float(np.mean(anchor_times))
 
 
+def suggested_method(model: str | None, methods: list[str]) -> str | None:
+    """The family default (`DEFAULT_METHODS`) of an embedded model; None for others (not loaded to find out)."""
+    family = EMBEDDED_FAMILIES.get(model or "")
+    method = DEFAULT_METHODS.get(family) if family else None
+    return method if method in methods else None
+
+
 def _enlarge(image: np.ndarray, at_least: int = 256) -> np.ndarray:
     """Nearest-neighbour upscale of a small (H, W, 3) image so the page shows its pixels."""
     factor = max(1, at_least // max(min(image.shape[:2]), 1))
@@ -383,13 +394,14 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
     config = config or AppConfig()
     worker = Worker(config)
     methods = [name for name in all_methods() if name != VIDEO_METHOD]
-    default_method = "agent" if "agent" in methods else methods[0]
+    default_method = suggested_method(config.model, methods) or ("agent" if "agent" in methods else methods[0])
     models = list(dict.fromkeys([config.model, *config.models]))
 
     with gr.Blocks(title="diffusers-ext", analytics_enabled=False) as demo:
         gr.Markdown("# diffusers-ext\nThe stock and the patched pipeline from the same seed, side by side: "
-                    "time per denoising step and the speed ratio. The embedded `tiny:*` models are random "
-                    "and offline, so their images are noise; their timings still compare the code paths.")
+                    "time per denoising step and the speed ratio. `digits` is a small SiT trained in this "
+                    "repository on handwritten digits (class label 0-9): real images, offline. The `tiny:*` "
+                    "models are random, so their images are noise; their timings still compare the code paths.")
         with gr.Tab("Image"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -399,8 +411,8 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                     method = gr.Dropdown(methods, value=default_method, label="method", elem_id="method")
                     method_info = gr.Markdown(method_help(default_method))
                     prompt = gr.Textbox(DEFAULT_PROMPT, label="prompt", info="text-to-image models", elem_id="prompt")
-                    class_label = gr.Number(207, precision=0, label="class label",
-                                            info="class-conditional models (DiT, SiT)", elem_id="class_label")
+                    class_label = gr.Number(7, precision=0, label="class label", elem_id="class_label",
+                                            info="class-conditional models: 0-9 for digits, 0-999 for ImageNet DiT / SiT")
                     with gr.Row():
                         height = gr.Number(0, precision=0, label="height", elem_id="height",
                                            info=f"0: model default; at most {config.max_side}")
@@ -431,6 +443,12 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                 return [method_help(name), *[gr.update(visible=f.method == name) for f in image_fields]]
 
             method.change(show_method, method, [method_info, *image_options], queue=False)
+
+            def pick_method(name, current):
+                suggested = suggested_method(name, methods)
+                return gr.update(value=suggested) if suggested and suggested != current else gr.update()
+
+            model.change(pick_method, [model, method], method, queue=False)
 
             image_inputs = [model, method, prompt, class_label, height, width, steps, guidance, batch, seed, warmup]
 

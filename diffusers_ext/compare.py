@@ -1,6 +1,7 @@
 """`diffusers-ext compare`: the stock and the patched pipeline from the same seed, side by side.
 
-    diffusers-ext compare                                  # offline: the embedded tiny SD pipeline, agent
+    diffusers-ext compare                                  # offline: the shipped digits SiT, mediators
+    diffusers-ext compare --model tiny:sd                  # an embedded tiny SD pipeline, agent attention
     diffusers-ext compare --model runwayml/stable-diffusion-v1-5 --method agent --steps 50 \
         --prompt "a photo of an astronaut riding a horse" --option agent_steps="(0.0, 0.4)"
 
@@ -20,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULT_MODEL = "tiny:sd"
+DEFAULT_MODEL = "digits"
+# the method `compare` (and the app) use when none is named, per model family
+DEFAULT_METHODS = {"sd": "agent", "sdxl": "agent", "animatediff": "anchor_frame", "dit": "mediator", "sd3": "t5"}
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 
 
@@ -76,13 +79,28 @@ class RunResult:
     images: list[np.ndarray] | None = None  # every output of the batch (images[0] is `image`)
 
 
-def _call_kwargs(pipe, prompt: str, class_label: int, steps: int, guidance: float | None,
+def default_method(pipe) -> str:
+    """`DEFAULT_METHODS` of the pipeline's model family."""
+    from diffusers_ext.families import family_of, find_denoiser
+
+    return DEFAULT_METHODS[family_of(find_denoiser(pipe)[0]).name]
+
+
+def default_class_labels(pipe) -> list[int]:
+    """Every class once for small label sets (the digits), else ImageNet's 207 (golden retriever)."""
+    from diffusers_ext.eval.sampling import infer_num_classes
+
+    classes = infer_num_classes(pipe)
+    return list(range(classes)) if classes is not None and classes <= 16 else [207]
+
+
+def _call_kwargs(pipe, prompt: str, class_label: int | list[int], steps: int, guidance: float | None,
                  height: int | None, width: int | None, seed: int, batch_size: int = 1) -> dict:
     params = inspect.signature(pipe.__call__).parameters
     kwargs = {"num_inference_steps": steps, "generator": torch.Generator("cpu").manual_seed(seed),
               "output_type": "np"}
     if "class_labels" in params:
-        kwargs["class_labels"] = [class_label] * batch_size
+        kwargs["class_labels"] = list(class_label) if isinstance(class_label, (list, tuple)) else [class_label] * batch_size
     else:
         kwargs["prompt"] = prompt
         if batch_size != 1:
@@ -103,9 +121,10 @@ def _call_kwargs(pipe, prompt: str, class_label: int, steps: int, guidance: floa
 
 
 def _images_of(output) -> list[np.ndarray]:
-    """(H, W, 3) arrays in [0, 1]: each image, or each video's frames side by side."""
+    """(H, W, 3) arrays in [0, 1]: each image (grey ones as RGB), or each video's frames side by side."""
     if hasattr(output, "images"):
-        return [np.asarray(image) for image in output.images]
+        images = [np.asarray(image) for image in output.images]
+        return [np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image for image in images]
     return [np.concatenate(list(np.asarray(video)), axis=1) for video in output.frames]  # (F, H, W, 3) each
 
 
@@ -126,9 +145,10 @@ def side_by_side(left: RunResult, right: RunResult) -> "PIL.Image.Image":  # noq
 
     tiles = []
     for result in (left, right):
-        array = (np.clip(result.image, 0, 1) * 255).round().astype(np.uint8)
+        row = np.concatenate(result.images or [result.image], axis=1)   # the whole batch in a row
+        array = (np.clip(row, 0, 1) * 255).round().astype(np.uint8)
         tile = Image.fromarray(array)
-        scale = max(1, 256 // max(tile.height, 1))
+        scale = max(1, min(256 // max(tile.height, 1), 2048 // max(tile.width, 1)))   # small images: enlarged
         tile = tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)
         canvas = Image.new("RGB", (tile.width, tile.height + 22), "white")
         canvas.paste(tile, (0, 22))
@@ -209,11 +229,14 @@ def compare_pipeline(pipe, method: str, options: dict | None, kwargs: dict, *, w
     return Comparison(stock, fast, summary)
 
 
-def compare(model: str = DEFAULT_MODEL, method: str = "agent", options: dict | None = None,
-            prompt: str = DEFAULT_PROMPT, class_label: int = 207, steps: int = 20, guidance: float | None = None,
+def compare(model: str = DEFAULT_MODEL, method: str | None = None, options: dict | None = None,
+            prompt: str = DEFAULT_PROMPT, class_label: int | None = None, steps: int = 20, guidance: float | None = None,
             height: int | None = None, width: int | None = None, seed: int = 0, out: str | None = None,
             dtype: str = "auto", device: str = "auto", warmup: bool = True) -> dict:
-    """Generate with the stock and the patched pipeline; returns a summary dict (and writes `out`)."""
+    """Generate with the stock and the patched pipeline; returns a summary dict (and writes `out`).
+
+    method None: the model family's default (`DEFAULT_METHODS`); class_label None: `default_class_labels`.
+    """
     from diffusers_ext.loading import load_pipeline
 
     if steps < 1:
@@ -221,7 +244,9 @@ def compare(model: str = DEFAULT_MODEL, method: str = "agent", options: dict | N
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(model, dtype=dtype, device=device)
-    kwargs = _call_kwargs(pipe, prompt, class_label, steps, guidance, height, width, seed)
+    method = method or default_method(pipe)
+    labels = default_class_labels(pipe) if class_label is None else class_label
+    kwargs = _call_kwargs(pipe, prompt, labels, steps, guidance, height, width, seed)
     result = compare_pipeline(pipe, method, options, kwargs, warmup=warmup)
     summary = {"model": model, **result.summary}
     if out is not None:
@@ -244,11 +269,16 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"hub id, local pipeline folder, or tiny:<family> (default {DEFAULT_MODEL}, offline)")
-    parser.add_argument("--method", default="agent", help="method name (see `diffusers-ext methods`)")
+                        help=f"hub id, local pipeline folder, digits or tiny:<family> (default {DEFAULT_MODEL}, "
+                             "the shipped digits SiT, offline)")
+    parser.add_argument("--method", default=None,
+                        help="method name (see `diffusers-ext methods`); default per model family: "
+                             + ", ".join(f"{k} {v}" for k, v in DEFAULT_METHODS.items()))
     parser.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, repeatable")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--class-label", type=int, default=207, help="class for class-conditional pipelines")
+    parser.add_argument("--class-label", type=int, default=None,
+                        help="class for class-conditional pipelines (default: every digit once for the digits "
+                             "model, 207 for ImageNet ones)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--height", type=int, default=None)

@@ -292,11 +292,14 @@ class Distiller:
     The model is patched with `method` and `options` (or already patched: `method=None`). Custom
     `conditions` (an object with `sample(batch_size, generator) -> kwargs`) replace the default
     prompts / class labels; `noising` ("flow" | "interpolant" | "ddpm") overrides the scheduler's.
+    `data`: clean samples (N, C, H, W) in the denoiser's input space (latents, or pixels for a
+    pixel-space model) to noise instead of `config.latents`, e.g. the training set of the model.
     """
 
     def __init__(self, pipe_or_model, method: str | None = None, config: DistillConfig | None = None, *,
                  options: dict[str, Any] | None = None, conditions: Conditions | None = None,
-                 noising: str | None = None, latent_size: int | tuple[int, int] | None = None):
+                 noising: str | None = None, latent_size: int | tuple[int, int] | None = None,
+                 data: torch.Tensor | None = None):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -341,7 +344,15 @@ class Distiller:
         if scheduler is None and noising is None:
             noising = "flow" if record.family == "sd3" else "ddpm"
         self.noising = Noising(scheduler, noising)
-        self.image_latents = self._encode_images(config.latents) if config.latents not in ("noise", "trajectory") else None
+        if data is not None:
+            if data.ndim != 4 or tuple(data.shape[1:]) != self.latent_shape:
+                raise ValueError(f"data must be (N, {', '.join(map(str, self.latent_shape))}) samples of the "
+                                 f"denoiser's input, got {tuple(data.shape)}")
+            self.image_latents = data.detach().float().cpu()
+        elif config.latents not in ("noise", "trajectory"):
+            self.image_latents = self._encode_images(config.latents)
+        else:
+            self.image_latents = None
         if config.latents == "trajectory" and scheduler is None:
             raise ValueError("latents='trajectory' samples with the pipeline's scheduler: pass the pipeline")
 
@@ -367,8 +378,8 @@ class Distiller:
 
     def _vae_scale(self) -> int:
         vae = getattr(self.pipe, "vae", None)
-        if vae is None:
-            return 8
+        if vae is None:  # a pixel-space pipeline (vae=None) works on pixels; a bare denoiser: SD's VAE
+            return 1 if self.pipe is not None and hasattr(self.pipe, "vae") else 8
         return 2 ** (len(vae.config.block_out_channels) - 1)
 
     def _latent_shape(self, latent_size) -> tuple[int, int, int]:
@@ -424,7 +435,7 @@ class Distiller:
         generator = self._generator(step)
         batch = self.config.batch_size
         kwargs = self.conditions.sample(batch, generator)
-        if self.config.latents == "trajectory":
+        if self.config.latents == "trajectory" and self.image_latents is None:
             sample, timestep = self._trajectory_state(kwargs, generator)
         else:
             if self.image_latents is not None:

@@ -1,5 +1,6 @@
 """Loading a pipeline from a hub id, a local folder, or one of the embedded tiny models.
 
+    load_pipeline("digits")                        # offline: the shipped digits SiT (diffusers_ext.digits)
     load_pipeline("tiny:sd")                       # offline, random weights (diffusers_ext.testing)
     load_pipeline("runwayml/stable-diffusion-v1-5", dtype=torch.float16, device="cuda")
     load_pipeline("/path/to/saved/pipeline")
@@ -12,6 +13,7 @@ import os
 import torch
 
 TINY_PREFIX = "tiny:"
+EMBEDDED = ("digits",)   # trained models shipped inside the package
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -36,7 +38,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def load_pipeline(model: str, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
                   use_safetensors: bool | None = None):
-    """Load a diffusers pipeline from `model` (hub id, local folder, or `tiny:<family>`).
+    """Load a diffusers pipeline from `model` (hub id, local folder, `digits` or `tiny:<family>`).
 
     use_safetensors: True loads only `.safetensors` weights (never pickled `.bin` / `.ckpt` files, which
         can run code when unpickled) and fails if a component has none; None is diffusers' default
@@ -48,6 +50,10 @@ def load_pipeline(model: str, dtype: str | torch.dtype | None = "auto", device: 
         from .testing import tiny_pipeline
 
         return tiny_pipeline(model[len(TINY_PREFIX):], dtype=dtype).to(device)
+    if model == "digits":
+        from .digits import digits_pipeline
+
+        return digits_pipeline(dtype=dtype).to(device)
 
     from diffusers import DiffusionPipeline
 
@@ -63,5 +69,5 @@ def load_pipeline(model: str, dtype: str | torch.dtype | None = "auto", device: 
         else:
             hint = "the folder is not a saved diffusers pipeline"
         raise OSError(f"could not load pipeline {model!r}: {hint}. Offline, use an embedded model such as "
-                      f"'tiny:sd' ({err.__class__.__name__}: {err})") from err
+                      f"'digits' or 'tiny:sd' ({err.__class__.__name__}: {err})") from err
     return pipe.to(device)

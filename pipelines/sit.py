@@ -15,11 +15,13 @@ t itself as its `timestep` (see `convert.py`). Samplers (the integration runs fr
   on t_i = linspace(0, 1 - 0.04, N), then the "Mean" last step x + 0.04 * drift (no noise):
   N model calls; 250 steps is the SiT evaluation protocol.
 
-Classifier-free guidance as in DiT / SiT: the batch is doubled with the null class 1000, the guided
-velocity is v_u + g (v_c - v_u) on the first `guide_channels` latent channels (3, the released
-samplers' convention, is the default; None guides every channel) and the conditional velocity on
-the others. A network with learned sigma (out_channels = 2 x in_channels) has its second half dropped.
-Latents are decoded with the VAE's scaling factor (0.18215 for DiT / SiT's sd-vae-ft-*).
+Classifier-free guidance as in DiT / SiT: the batch is doubled with the null class (the number of
+classes: 1000 for ImageNet), the guided velocity is v_u + g (v_c - v_u) on the first `guide_channels`
+latent channels (3, the released samplers' convention, is the default for 4-channel latents; None
+guides every channel) and the conditional velocity on the others. A network with learned sigma
+(out_channels = 2 x in_channels) has its second half dropped. Latents are decoded with the VAE's
+scaling factor (0.18215 for DiT / SiT's sd-vae-ft-*); with `vae=None` the model works in pixel space
+(values in [-1, 1]; the digits model of `diffusers_ext.digits`).
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ class SiTScheduler(SchedulerMixin, ConfigMixin):
 
 class SiTPipeline(DiffusionPipeline):
     """Class-conditional SiT sampling. Components: `transformer` (DiTTransformer2DModel with SiT
-    weights), `vae` (AutoencoderKL), `scheduler` (`SiTScheduler`); optional `id2label`."""
+    weights), `vae` (AutoencoderKL, or None for a pixel-space model), `scheduler` (`SiTScheduler`);
+    optional `id2label`."""
 
     model_cpu_offload_seq = "transformer->vae"
 
@@ -103,6 +106,11 @@ class SiTPipeline(DiffusionPipeline):
             for label in str(value).split(","):
                 self.labels[label.lstrip().rstrip()] = int(key)
         self.labels = dict(sorted(self.labels.items()))
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the transformer; its id is also the null class of guidance."""
+        return getattr(self.transformer.config, "num_embeds_ada_norm", None) or NULL_CLASS
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """ImageNet label names -> class ids (as DiTPipeline)."""
@@ -120,7 +128,8 @@ class SiTPipeline(DiffusionPipeline):
         guided = guidance_scale != 1.0
         channels = x.shape[1]
         model_input = torch.cat([x, x]) if guided else x
-        labels = torch.cat([class_labels, torch.full_like(class_labels, NULL_CLASS)]) if guided else class_labels
+        null = torch.full_like(class_labels, self.num_classes)
+        labels = torch.cat([class_labels, null]) if guided else class_labels
         timestep = torch.full((model_input.shape[0],), float(t), device=x.device, dtype=x.dtype)
         out = self.transformer(model_input, timestep=timestep, class_labels=labels).sample
         if out.shape[1] == 2 * channels:      # learned sigma: drop the variance channels
@@ -141,7 +150,7 @@ class SiTPipeline(DiffusionPipeline):
         num_inference_steps: int = 250,
         guidance_scale: float = 4.0,
         sampler: str = "ode-heun",
-        guide_channels: int | None = 3,
+        guide_channels: int | None | str = "auto",
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -151,7 +160,8 @@ class SiTPipeline(DiffusionPipeline):
 
         guidance_scale: 1 disables guidance (SiT's evaluation: 1.5 for FID, 4.0 for its samples).
         sampler: "ode-heun" (default, 2 calls a step), "ode-euler", or "sde" (Euler-Maruyama, 250 steps
-        in the SiT protocol). guide_channels: guide the first k latent channels (3: DiT / SiT), None: all.
+        in the SiT protocol). guide_channels: guide the first k latent channels, None: all; "auto" is 3 for
+        4-channel latents (DiT / SiT) and all channels otherwise.
         latents: initial noise (B, C, H, W) at t = 0. output_type: "pil", "np", "pt" or "latent".
         """
         if sampler not in SAMPLERS:
@@ -162,15 +172,17 @@ class SiTPipeline(DiffusionPipeline):
             raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}")
         config = self.transformer.config
         channels = config.in_channels
-        if guide_channels is not None and not 1 <= guide_channels <= channels:
-            raise ValueError(f"guide_channels must be None or in 1..{channels}, got {guide_channels}")
+        if guide_channels == "auto":
+            guide_channels = 3 if channels == 4 else None
+        if guide_channels is not None and (isinstance(guide_channels, str) or not 1 <= guide_channels <= channels):
+            raise ValueError(f"guide_channels must be \"auto\", None or in 1..{channels}, got {guide_channels!r}")
         param = next(self.transformer.parameters())
         try:
             device = self._execution_device
         except AttributeError:      # a transformer that is no diffusers model
             device = param.device
         labels = torch.as_tensor(class_labels, device=device).reshape(-1).long()
-        num_classes = getattr(config, "num_embeds_ada_norm", NULL_CLASS) or NULL_CLASS
+        num_classes = self.num_classes
         if labels.numel() == 0 or labels.min() < 0 or labels.max() >= num_classes:
             raise ValueError(f"class_labels must be ids in 0..{num_classes - 1}, got {labels.tolist()}")
         batch = labels.numel()
@@ -200,7 +212,7 @@ class SiTPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = x
         else:
-            images = self.vae.decode(x / self.vae.config.scaling_factor).sample
+            images = x if self.vae is None else self.vae.decode(x / self.vae.config.scaling_factor).sample
             images = (images / 2 + 0.5).clamp(0, 1)
             if output_type != "pt":
                 images = images.cpu().permute(0, 2, 3, 1).float().numpy()

@@ -29,7 +29,7 @@ if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
 CHROME_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                "--disable-background-networking", "--disable-component-update", "--no-first-run",
                "--window-size=1400,2000")
-CONFIG = app.AppConfig(max_steps=10, max_batch=2, max_side=128, default_steps=3, queue_size=4)
+CONFIG = app.AppConfig(model="tiny:sd", max_steps=10, max_batch=2, max_side=128, default_steps=3, queue_size=4)
 WAIT_S = 180
 
 
