@@ -1,7 +1,7 @@
 """The quality lab: every DiT / SiT method on the shipped digits SiT (a real trained model), training-free
 and after a short distillation fine-tune, in one run.
 
-    .venv/bin/python benchmarks/quality_lab.py                      # ~45 min on a 2-core CPU
+    .venv/bin/python benchmarks/quality_lab.py                      # ~50 min on a 2-core CPU
     .venv/bin/python benchmarks/quality_lab.py --num 100 --distill-steps 20 --only mediator   # a quick look
 
 Per configuration (stock; each method training-free; each method distilled from the stock model on
@@ -56,7 +56,7 @@ def to_uint8_rgb(images: torch.Tensor) -> np.ndarray:
 
 
 class Scorer:
-    def __init__(self, reference: torch.Tensor, batch: int = 50):
+    def __init__(self, reference: torch.Tensor, batch: int = 8):   # batch 8: fastest on a 2-core CPU
         self.network = InceptionNetwork()
         self.batch = batch
         mu, sigma = compute_statistics(self.pool(reference, "reference"))

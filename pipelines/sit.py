@@ -93,6 +93,7 @@ class SiTPipeline(DiffusionPipeline):
     optional `id2label`."""
 
     model_cpu_offload_seq = "transformer->vae"
+    default_guidance_scale = 4.0   # SiT's sample sheets; an instance may set its own
 
     def __init__(self, transformer, vae, scheduler: SiTScheduler | None = None, id2label: dict | None = None):
         super().__init__()
@@ -148,7 +149,7 @@ class SiTPipeline(DiffusionPipeline):
         self,
         class_labels: int | Sequence[int] | torch.Tensor,
         num_inference_steps: int = 250,
-        guidance_scale: float = 4.0,
+        guidance_scale: float | None = None,
         sampler: str = "ode-heun",
         guide_channels: int | None | str = "auto",
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -158,7 +159,8 @@ class SiTPipeline(DiffusionPipeline):
     ):
         """Sample images of `class_labels` (ids 0..999).
 
-        guidance_scale: 1 disables guidance (SiT's evaluation: 1.5 for FID, 4.0 for its samples).
+        guidance_scale: 1 disables guidance (SiT's evaluation: 1.5 for FID, 4.0 for its samples); None:
+        the pipeline's `default_guidance_scale` (4.0; the digits model's pipeline sets 2.0).
         sampler: "ode-heun" (default, 2 calls a step), "ode-euler", or "sde" (Euler-Maruyama, 250 steps
         in the SiT protocol). guide_channels: guide the first k latent channels, None: all; "auto" is 3 for
         4-channel latents (DiT / SiT) and all channels otherwise.
@@ -168,6 +170,8 @@ class SiTPipeline(DiffusionPipeline):
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"unknown output_type {output_type!r}; choose pil, np, pt or latent")
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
         if guidance_scale < 1.0:
             raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}")
         config = self.transformer.config
