@@ -39,6 +39,7 @@ import diffusers_ext as dx  # noqa: E402
 from diffusers_ext.compare import (  # noqa: E402
     DEFAULT_METHODS, DEFAULT_PROMPT, DenoiserTimer, _call_kwargs, compare_pipeline,
 )
+from diffusers_ext.loading import EMBEDDED  # noqa: E402
 from diffusers_ext.registry import all_methods  # noqa: E402
 
 logger = logging.getLogger("diffusers_ext.app")
@@ -200,7 +201,7 @@ class Worker:
             return model
         if not self.config.custom_models:
             raise InputError(f"model {model!r} is not offered here; choose one of {', '.join(self.config.models)}")
-        if model.startswith("tiny:") or model == "digits" or HUB_ID.match(model) or Path(model).expanduser().is_dir():
+        if model.startswith("tiny:") or model in EMBEDDED or HUB_ID.match(model) or Path(model).expanduser().is_dir():
             return model
         raise InputError(f"model {model!r} is neither a hub id (owner/name), a local pipeline folder, "
                          f"nor an embedded model (digits, tiny:sd, tiny:dit, ...)")

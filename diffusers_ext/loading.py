@@ -50,7 +50,7 @@ def load_pipeline(model: str, dtype: str | torch.dtype | None = "auto", device: 
         from .testing import tiny_pipeline
 
         return tiny_pipeline(model[len(TINY_PREFIX):], dtype=dtype).to(device)
-    if model == "digits":
+    if model in EMBEDDED:
         from .digits import digits_pipeline
 
         return digits_pipeline(dtype=dtype).to(device)
