@@ -66,6 +66,7 @@ class DistillConfig:
     # inputs
     latents: str = "noise"                          # "noise" | "trajectory" | a folder of images
     trajectory_steps: int = 20                      # sampling steps of the teacher for "trajectory"
+    shared_timestep: bool | None = None             # one timestep per batch; None: when the patch is step-dependent
     resolution: int | None = None                   # image pixels; default: the model's sample size
     # optimisation
     batch_size: int = 4
@@ -240,21 +241,24 @@ class Noising:
                 abar = DDPMScheduler(num_train_timesteps=self.num_train_timesteps).alphas_cumprod
             self.alphas_cumprod = torch.as_tensor(abar, dtype=torch.float64)
 
-    def add_noise(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """x0 (B, ...) -> (x_t, timestep (B,)) with fresh noise and random timesteps."""
+    def add_noise(self, x0: torch.Tensor, generator: torch.Generator,
+                  shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0 (B, ...) -> (x_t, timestep (B,)) with fresh noise and random timesteps (one for the
+        whole batch when `shared`)."""
         batch = x0.shape[0]
+        draws = 1 if shared else batch
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.dtype)
         view = (batch,) + (1,) * (x0.ndim - 1)
         if self.kind == "interpolant":  # SiT: x_t = t x0 + (1 - t) eps, t ~ U[0, 1], the model takes t itself
-            t = torch.rand(batch, generator=generator, dtype=torch.float64)
+            t = torch.rand(draws, generator=generator, dtype=torch.float64).expand(batch).contiguous()
             x_t = t.view(view).to(x0.dtype) * x0 + (1 - t).view(view).to(x0.dtype) * noise
             return x_t, t.float()
         if self.kind == "flow":
-            u = torch.rand(batch, generator=generator, dtype=torch.float64)
+            u = torch.rand(draws, generator=generator, dtype=torch.float64).expand(batch).contiguous()
             sigma = self.shift * u / (1 + (self.shift - 1) * u)
             x_t = (1 - sigma).view(view).to(x0.dtype) * x0 + sigma.view(view).to(x0.dtype) * noise
             return x_t, (sigma * self.num_train_timesteps).float()
-        t = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator)
+        t = torch.randint(0, self.num_train_timesteps, (draws,), generator=generator).expand(batch).contiguous()
         abar = self.alphas_cumprod[t].view(view)
         x_t = abar.sqrt().to(x0.dtype) * x0 + (1 - abar).sqrt().to(x0.dtype) * noise
         return x_t, t
@@ -313,7 +317,10 @@ class Distiller:
         self.record: PatchRecord = record
         self.method = get_method(record.method)
 
-        partial_schedule = any(not s.always for k, s in record.options.items() if k.endswith("steps"))
+        # a step-dependent patch (a partial schedule, a dynamic mediator count) sets its state once per
+        # call, from the first sample's timestep: every sample of a batch then shares one timestep
+        partial_schedule = self.method.step_dependent(record.options)
+        self.shared_timestep = partial_schedule if config.shared_timestep is None else config.shared_timestep
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision, cpu=config.cpu,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -442,7 +449,7 @@ class Distiller:
                 x0 = self.image_latents[torch.randint(0, len(self.image_latents), (batch,), generator=generator)]
             else:
                 x0 = torch.randn((batch, *self.latent_shape), generator=generator)
-            sample, timestep = self.noising.add_noise(x0, generator)
+            sample, timestep = self.noising.add_noise(x0, generator, shared=self.shared_timestep)
         return self._inputs(sample, timestep, kwargs)
 
     @torch.no_grad()

@@ -144,6 +144,15 @@ class Method:
                 new.extend(processor.parameters())
         return {"new": new, "inherited": []}
 
+    def step_dependent(self, options: dict[str, Any]) -> bool:
+        """Whether the patched model computes a different function at different steps of a run (a
+        partial schedule). The step state is set once per denoiser call, from its first sample's
+        timestep, so a fine-tune of such a patch gives every sample of a batch the same timestep.
+        Default: any option holding a `Schedule` that does not cover the whole run."""
+        from .steps import Schedule
+
+        return any(isinstance(v, Schedule) and not v.always for v in options.values())
+
     def info(self) -> dict[str, Any]:
         return {
             "name": self.name, "families": list(self.families), "training_free": self.training_free,

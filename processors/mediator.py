@@ -280,6 +280,9 @@ class MediatorMethod(Method):
     def select_sites(self, sites, options, family):
         return [s for s in sites if s.role == "self"]
 
+    def step_dependent(self, options):
+        return super().step_dependent(options) or len(options["mediators"]) > 1
+
     def make_processor(self, site, original, options, state):
         counts = _COUNTS_OF_STATE.get(id(state))      # one per patch (weak: no cycle through the state)
         if counts is None:

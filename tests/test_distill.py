@@ -216,3 +216,23 @@ def test_distillation_cuts_deviation_mediator_vca(tmp_path, family, method, opti
     trained = dx.patch_record(pipe).options
     dx.unpatch(pipe)
     assert dx.patch(pipe, method, weights=str(tmp_path / "out")).options == trained
+
+
+@pytest.mark.parametrize("method, options, shared", [
+    ("mediator", {"mediators": 16}, False),
+    ("mediator", {"mediators": (4, 16)}, True),            # the count changes with the step
+    ("t5", {}, False),
+    ("t5", {"steps": (0.0, 0.5)}, True),                   # a partial schedule
+])
+def test_step_dependent_patches_share_one_timestep_per_batch(tmp_path, method, options, shared):
+    """The step state is set once per call from the first sample's t: a step-dependent patch must then
+    see one t per batch, or its samples would train the wrong configuration."""
+    pipe = tiny_pipeline("dit")
+    trainer = Distiller(pipe, method, _config(tmp_path, batch_size=4), options=options)
+    assert trainer.shared_timestep is shared
+    timesteps = torch.stack([trainer.sample_batch(step)["timestep"] for step in range(3)])
+    assert (timesteps == timesteps[:, :1]).all().item() is shared
+    dx.unpatch(pipe)
+    forced = Distiller(pipe, method, _config(tmp_path, batch_size=4, shared_timestep=True), options=options)
+    assert (forced.sample_batch(0)["timestep"] == forced.sample_batch(0)["timestep"][0]).all()
+    dx.unpatch(pipe)
