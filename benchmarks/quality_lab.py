@@ -155,7 +155,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(command="python benchmarks/quality_lab.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = dict(command=" ".join(["python benchmarks/quality_lab.py", *(argv if argv is not None else sys.argv[1:])]),
                 num=args.num, distill_steps=args.distill_steps, distill_batch=args.distill_batch, lr=args.lr,
                 inherited_lr=args.inherited_lr, sampling=digits.SAMPLING, batch=args.batch, repeats=args.repeats,
                 torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
