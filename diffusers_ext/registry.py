@@ -11,6 +11,7 @@
         def make_processor(self, site, original, options, state): ...  # the replacement
         def trainable_parameters(self, denoiser, record, options): ...  # optional: what a fine-tune trains
         def attach(self, denoiser, record) / detach(...): ...           # optional: per-patch resources
+        def step_dependent(self, options): ...                          # optional: changes with the step
 
 `Option` validates a user's value and may have a per-family default. Unknown options are an error.
 """
