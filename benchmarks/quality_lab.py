@@ -38,6 +38,7 @@ from diffusers_ext import digits
 from diffusers_ext.distill import DistillConfig, Distiller
 from diffusers_ext.eval.inception import InceptionNetwork, extract_features
 from diffusers_ext.eval.metrics import compute_statistics, frechet_distance
+from diffusers_ext.eval.sampling import to_uint8
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = {  # name -> (method, options)
@@ -50,9 +51,8 @@ CONFIGS = {  # name -> (method, options)
 
 
 def to_uint8_rgb(images: torch.Tensor) -> np.ndarray:
-    """(B, 1, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.repeat(1, 3, 1, 1).permute(0, 2, 3, 1).numpy()
+    """(B, 1, H, W) in [-1, 1] -> uint8 (B, H, W, 3), quantised as the FID sampler does (`to_uint8`)."""
+    return to_uint8(((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
 
 
 class Scorer:
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         parser.error("--num must be a multiple of 10")
     torch.set_num_threads(os.cpu_count() or 1)
 
-    data, data_labels = digits.load_digits_images()
+    data, _ = digits.load_digits_images()
     classifier = digits.load_classifier()
     labels = torch.arange(10).repeat(args.num // 10)
     scorer = Scorer(data)
@@ -115,13 +115,13 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         images = digits.generate(pipe, labels, seed=0)
         sample_minutes = (time.perf_counter() - start) / 60
-        samples[f"{name} ({mode})" if method else name] = images
-        pipes[f"{name} ({mode})" if method else name] = pipe
+        key = f"{name} ({mode})" if method else name
+        samples[key], pipes[key] = images, pipe
         stock = samples.get("stock", images)
         row = dict(name=name, method=method, mode=mode, fid=scorer.fid(images, f"{name} {mode}"),
                    accuracy=digits.class_accuracy(classifier, images, labels),
                    deviation=float((images - stock).norm() / stock.norm()), finetune_minutes=minutes,
-                   sampling_minutes=sample_minutes, **extra)
+                   sampling_minutes=sample_minutes, key=key, **extra)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -149,9 +149,8 @@ def main(argv=None) -> int:
 
     seconds = time_denoisers(pipes, args.batch, args.repeats)
     for row in rows:
-        key = f"{row['name']} ({row['mode']})" if row["method"] else row["name"]
-        row["ms_per_call"] = seconds[key] * 1000
-        row["speed"] = seconds["stock"] / seconds[key]
+        row["ms_per_call"] = seconds[row["key"]] * 1000
+        row["speed"] = seconds["stock"] / seconds[row["key"]]
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,10 @@ def test_shipped_model_draws_the_requested_digits(classifier):
     torch.testing.assert_close(loaded.transformer.state_dict(), pipe.transformer.state_dict(), atol=0, rtol=0)
 
 
-def test_missing_weights_say_how_to_make_them(tmp_path):
+def test_missing_weights_say_how_to_make_them(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        digits.main(["train", "--steps", "0", "--output", str(tmp_path)])
+    assert "--steps and --classifier-steps must be >= 1" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="diffusers_ext.digits train"):
         digits.digits_pipeline(tmp_path)
     with pytest.raises(FileNotFoundError, match="diffusers_ext.digits train"):
@@ -120,3 +123,21 @@ def test_compare_defaults_to_the_digits_and_their_family_method(tmp_path):
     assert summary["method"] == "mediator" and summary["speedup"] > 0
     image = Image.open(tmp_path / "side.png")
     assert image.width > 10 * 16 * 2 and image.mode == "RGB"                # every digit, both runs, enlarged
+
+
+def test_fid_sampling_of_the_grey_digits(tmp_path):
+    """`diffusers-ext sample` writes the one-channel digits as RGB uint8, quantised like every pipeline."""
+    import numpy as np
+
+    from diffusers_ext.eval.sampling import to_uint8
+
+    grey = np.array([0.0, 0.2, 1.0], dtype=np.float32).reshape(1, 1, 3, 1)
+    assert to_uint8(grey).shape == (1, 1, 3, 3)
+    assert to_uint8(grey)[0, 0].tolist() == [[0] * 3, [51] * 3, [255] * 3]
+    from diffusers_ext.cli import main
+
+    assert main(["sample", "--model", "digits", "--num-samples", "2", "--steps", "1", "--no-progress",
+                 "--output-dir", str(tmp_path)]) == 0
+    images = np.load(tmp_path / "samples.npz")["arr_0"]
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+    assert (images[..., 0] == images[..., 2]).all()

@@ -38,7 +38,7 @@ def register(subparsers) -> None:
         "sample", help="draw N images from a (patched) pipeline for FID, resumable, across accelerate processes",
         description="Draw N images (one seed per sample index) into OUTPUT_DIR/shards, then merge them into "
                     "OUTPUT_DIR/samples.npz (ADM format) and/or PNGs. Run it again to resume.")
-    s.add_argument("--model", required=True, help="hub id, local pipeline folder, or tiny:<family>")
+    s.add_argument("--model", required=True, help="hub id, local pipeline folder, digits or tiny:<family>")
     s.add_argument("--output-dir", required=True, help="run folder: config.json, shards/, samples.npz, png/")
     s.add_argument("--num-samples", type=int, default=50_000, help="N (default 50000)")
     s.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default 16)")

@@ -161,13 +161,16 @@ def latent_shape(pipe, height: int | None, width: int | None) -> tuple[int, ...]
 
 
 def to_uint8(images) -> np.ndarray:
-    """Pipeline output (float [0, 1] (n, H, W, 3) array or PIL list) -> uint8 (n, H, W, 3).
+    """Pipeline output (float [0, 1] (n, H, W, 3 or 1) array or PIL list) -> uint8 (n, H, W, 3).
 
     round(255 x) as floor(255 x + 0.5), which equals DiT's clamp(127.5 z + 128).to(uint8) for z in [-1, 1].
+    Grey images (one channel, e.g. the digits SiT) are repeated into RGB, as the Inception network needs.
     """
     if isinstance(images, list):
         images = np.stack([np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im) for im in images])
     images = np.asarray(images)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"the pipeline returned {images.shape}, not images (n, H, W, 3); video pipelines are "
                          "not supported for FID")
