@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--classifier-steps", type=int, default=1500)
     run.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.classifier_steps < 1:
+        parser.error("--steps and --classifier-steps must be >= 1")
     record = train(args.output, args.steps, args.classifier_steps, args.seed)
     print(json.dumps({k: v for k, v in record.items() if k != "generator"}, indent=1))
     print(f"generator: {record['generator']['minutes']:.1f} min, final loss {record['generator']['final_loss']:.4f}")

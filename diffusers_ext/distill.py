@@ -93,6 +93,8 @@ class DistillConfig:
             raise ValueError(f"lr must be > 0 and inherited_lr >= 0; got {self.lr}, {self.inherited_lr}")
         if not 0.0 <= self.uncond_prob <= 1.0:
             raise ValueError(f"uncond_prob must be in [0, 1], got {self.uncond_prob}")
+        if self.shared_timestep not in (None, True, False):
+            raise ValueError(f"shared_timestep must be None (automatic), True or False, got {self.shared_timestep!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.latents in ("noise", "trajectory"):
@@ -319,12 +321,12 @@ class Distiller:
 
         # a step-dependent patch (a partial schedule, a dynamic mediator count) sets its state once per
         # call, from the first sample's timestep: every sample of a batch then shares one timestep
-        partial_schedule = self.method.step_dependent(record.options)
-        self.shared_timestep = partial_schedule if config.shared_timestep is None else config.shared_timestep
+        step_dependent = self.method.step_dependent(record.options)
+        self.shared_timestep = step_dependent if config.shared_timestep is None else config.shared_timestep
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision, cpu=config.cpu,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=partial_schedule)],
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=step_dependent)],
         )
         self.device = self.accelerator.device
 

@@ -233,6 +233,8 @@ def test_step_dependent_patches_share_one_timestep_per_batch(tmp_path, method, o
     timesteps = torch.stack([trainer.sample_batch(step)["timestep"] for step in range(3)])
     assert (timesteps == timesteps[:, :1]).all().item() is shared
     dx.unpatch(pipe)
+    with pytest.raises(ValueError, match="shared_timestep"):
+        _config(tmp_path, shared_timestep="yes")
     forced = Distiller(pipe, method, _config(tmp_path, batch_size=4, shared_timestep=True), options=options)
     assert (forced.sample_batch(0)["timestep"] == forced.sample_batch(0)["timestep"][0]).all()
     dx.unpatch(pipe)
