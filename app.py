@@ -36,17 +36,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import diffusers_ext as dx  # noqa: E402
-from diffusers_ext.compare import (  # noqa: E402
-    DEFAULT_METHODS, DEFAULT_PROMPT, DenoiserTimer, _call_kwargs, compare_pipeline,
-)
-from diffusers_ext.loading import EMBEDDED  # noqa: E402
+from diffusers_ext.compare import DEFAULT_PROMPT, compare_pipeline  # noqa: E402
+from diffusers_ext.families import get_family  # noqa: E402
+from diffusers_ext.loading import EMBEDDED, embedded_family  # noqa: E402
+from diffusers_ext.pipeline_io import DenoiserTimer, call_kwargs, num_classes  # noqa: E402
 from diffusers_ext.registry import all_methods  # noqa: E402
 
 logger = logging.getLogger("diffusers_ext.app")
 
 EMBEDDED_MODELS = ("digits", "tiny:sd", "tiny:sdxl", "tiny:sd3", "tiny:sd35", "tiny:dit", "tiny:sit")
-EMBEDDED_FAMILIES = {"digits": "dit", "tiny:sd": "sd", "tiny:sdxl": "sdxl", "tiny:sd3": "sd3", "tiny:sd35": "sd3",
-                     "tiny:dit": "dit", "tiny:sit": "dit"}
 VIDEO_METHOD = "anchor_frame"
 HAS_VIDEO = importlib.util.find_spec("diffusers_ext.pipelines.animatediff_anchor") is not None
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -268,11 +266,9 @@ class Worker:
         guidance = self.check_float("guidance scale", guidance)
         with self._lock:
             pipe = self.pipeline(model, progress)
-            kwargs = _call_kwargs(pipe, prompt, 0, steps, guidance, height, width, seed, batch)
+            kwargs = call_kwargs(pipe, prompt, 0, steps, guidance, height, width, seed, batch)
             if "class_labels" in kwargs:
-                from diffusers_ext.eval.sampling import infer_num_classes
-
-                classes = infer_num_classes(pipe)
+                classes = num_classes(pipe)
                 label = self.check_int("class label", class_label, 0, None if classes is None else classes - 1)
                 kwargs["class_labels"] = [label] * batch
 
@@ -323,23 +319,14 @@ class Worker:
             pipe.set_progress_bar_config(disable=True)
             warm = {**common, "num_inference_steps": 1}   # one-time costs hit neither timing
             for run in (pipe, lambda *a, **k: animate(pipe, *a, **options, **k)):
-                timer = DenoiserTimer(pipe.unet, counted("warm-up"))
-                try:
+                with DenoiserTimer(pipe.unet, counted("warm-up")):
                     run(prompt, latents=latents.clone(), **warm)
-                finally:
-                    timer.close()
-            timer = DenoiserTimer(pipe.unet, counted("stock"))
-            try:
+            with DenoiserTimer(pipe.unet, counted("stock")) as timer:
                 stock = pipe(prompt, latents=latents.clone(), **common).frames[0]
-            finally:
-                timer.close()
             stock_times = timer.times
-            timer = DenoiserTimer(pipe.unet, counted(VIDEO_METHOD))
-            try:
+            with DenoiserTimer(pipe.unet, counted(VIDEO_METHOD)) as timer:
                 anchored = animate(pipe, prompt, latents=latents.clone(), image=photo,
                                    image_model_anchor=image_model_anchor, **options, **common).frames[0]
-            finally:
-                timer.close()
             anchor_times = timer.times[-steps:]  # an inverted photo adds the inversion's forwards first
         folder = Path(tempfile.mkdtemp(prefix="diffusers_ext_app_"))
         stock_path = save_video(_enlarge_frames(stock), folder / "stock.gif")
@@ -348,9 +335,9 @@ class Worker:
 
 
 def suggested_method(model: str | None, methods: list[str]) -> str | None:
-    """The family default (`DEFAULT_METHODS`) of an embedded model; None for others (not loaded to find out)."""
-    family = EMBEDDED_FAMILIES.get(model or "")
-    method = DEFAULT_METHODS.get(family) if family else None
+    """The family default (`Family.default_method`) of an embedded model; None for others (not loaded to find out)."""
+    family = embedded_family(model or "")
+    method = get_family(family).default_method if family else None
     return method if method in methods else None
 
 

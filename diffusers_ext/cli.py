@@ -35,9 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .errors import DiffusersExtError
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (DiffusersExtError, ValueError, OSError) as err:
         print(f"diffusers-ext {args.command}: error: {err}", file=sys.stderr)
         return 2
 

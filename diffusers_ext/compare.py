@@ -11,8 +11,8 @@ image from the stock one, and writes the two images side by side.
 
 from __future__ import annotations
 
-import ast
-import inspect
+import argparse
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -21,53 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .families import families, family_of, find_denoiser
+from .pipeline_io import DenoiserTimer, call_kwargs, default_class_labels, images_of
+from .registry import all_methods, parse_options, split_option_pairs
+
 DEFAULT_MODEL = "digits"
-# the method `compare` (and the app) use when none is named, per model family
-DEFAULT_METHODS = {"sd": "agent", "sdxl": "agent", "animatediff": "anchor_frame", "dit": "mediator", "sd3": "t5"}
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
-
-
-def parse_options(pairs: list[str] | None) -> dict:
-    """["k=v", ...] -> {k: literal_eval(v) or the string v} (the `--option` flags of every command)."""
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--option expects key=value, got {pair!r}")
-        try:
-            options[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            options[key.strip()] = value.strip()
-    return options
-
-
-class DenoiserTimer:
-    """Wall time of every denoiser forward (synchronised on CUDA); `on_forward()` is called after each."""
-
-    def __init__(self, denoiser: torch.nn.Module, on_forward=None):
-        self.denoiser, self.times, self._start, self.on_forward = denoiser, [], None, on_forward
-        self._handles = [
-            denoiser.register_forward_pre_hook(self._before),
-            denoiser.register_forward_hook(self._after),
-        ]
-
-    def _sync(self):
-        if next(self.denoiser.parameters()).is_cuda:
-            torch.cuda.synchronize()
-
-    def _before(self, module, args):
-        self._sync()
-        self._start = time.perf_counter()
-
-    def _after(self, module, args, output):
-        self._sync()
-        self.times.append(time.perf_counter() - self._start)
-        if self.on_forward is not None:
-            self.on_forward()
-
-    def close(self):
-        for handle in self._handles:
-            handle.remove()
 
 
 @dataclass
@@ -80,64 +39,17 @@ class RunResult:
 
 
 def default_method(pipe) -> str:
-    """`DEFAULT_METHODS` of the pipeline's model family."""
-    from diffusers_ext.families import family_of, find_denoiser
-
-    return DEFAULT_METHODS[family_of(find_denoiser(pipe)[0]).name]
-
-
-def default_class_labels(pipe) -> list[int]:
-    """Every class once for small label sets (the digits), else ImageNet's 207 (golden retriever)."""
-    from diffusers_ext.eval.sampling import infer_num_classes
-
-    classes = infer_num_classes(pipe)
-    return list(range(classes)) if classes is not None and classes <= 16 else [207]
-
-
-def _call_kwargs(pipe, prompt: str, class_label: int | list[int], steps: int, guidance: float | None,
-                 height: int | None, width: int | None, seed: int, batch_size: int = 1) -> dict:
-    params = inspect.signature(pipe.__call__).parameters
-    kwargs = {"num_inference_steps": steps, "generator": torch.Generator("cpu").manual_seed(seed),
-              "output_type": "np"}
-    if "class_labels" in params:
-        kwargs["class_labels"] = list(class_label) if isinstance(class_label, (list, tuple)) else [class_label] * batch_size
-    else:
-        kwargs["prompt"] = prompt
-        if batch_size != 1:
-            if "num_images_per_prompt" in params:
-                kwargs["num_images_per_prompt"] = batch_size
-            elif "num_videos_per_prompt" in params:
-                kwargs["num_videos_per_prompt"] = batch_size
-            else:
-                raise ValueError(f"{type(pipe).__name__} does not take a batch size")
-    if guidance is not None:
-        kwargs["guidance_scale"] = guidance
-    for name, value in (("height", height), ("width", width)):
-        if value is not None:
-            if name not in params:
-                raise ValueError(f"{type(pipe).__name__} does not take --{name}")
-            kwargs[name] = value
-    return kwargs
-
-
-def _images_of(output) -> list[np.ndarray]:
-    """(H, W, 3) arrays in [0, 1]: each image (grey ones as RGB), or each video's frames side by side."""
-    if hasattr(output, "images"):
-        images = [np.asarray(image) for image in output.images]
-        return [np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image for image in images]
-    return [np.concatenate(list(np.asarray(video)), axis=1) for video in output.frames]  # (F, H, W, 3) each
+    """The default method of the pipeline's model family (`Family.default_method`)."""
+    return family_of(find_denoiser(pipe)[0]).default_method
 
 
 def run_once(pipe, label: str, kwargs: dict, denoiser: torch.nn.Module, on_forward=None) -> RunResult:
-    timer = DenoiserTimer(denoiser, on_forward)
     start = time.perf_counter()
-    try:
+    with DenoiserTimer(denoiser, on_forward) as timer:
         output = pipe(**kwargs)
-    finally:
-        timer.close()
     total = time.perf_counter() - start
-    images = _images_of(output)
-    return RunResult(label, float(np.mean(timer.times)) if timer.times else float("nan"), total, images[0], images)
+    images = images_of(output)
+    return RunResult(label, timer.mean, total, images[0], images)
 
 
 def side_by_side(left: RunResult, right: RunResult) -> "PIL.Image.Image":  # noqa: F821
@@ -180,7 +92,6 @@ def compare_pipeline(pipe, method: str, options: dict | None, kwargs: dict, *, w
     The patch is validated before any work and the pipeline is stock again on return (even on error).
     """
     import diffusers_ext as dx
-    from diffusers_ext.families import find_denoiser
 
     options = dict(options or {})
     denoiser, _ = find_denoiser(pipe)
@@ -208,7 +119,7 @@ def compare_pipeline(pipe, method: str, options: dict | None, kwargs: dict, *, w
     pipe.set_progress_bar_config(disable=True)
     if warmup:
         for patched in (False, True):
-            with dx.patched(pipe, method, **options) if patched else _nothing():
+            with dx.patched(pipe, method, **options) if patched else contextlib.nullcontext():
                 run_once(pipe, "warm-up", fresh(num_inference_steps=1), denoiser, counted("warm-up"))
     pipe.set_progress_bar_config(disable=progress is not None, desc="stock")
     stock = run_once(pipe, "stock", fresh(), denoiser, counted("stock"))
@@ -229,24 +140,31 @@ def compare_pipeline(pipe, method: str, options: dict | None, kwargs: dict, *, w
     return Comparison(stock, fast, summary)
 
 
-def compare(model: str = DEFAULT_MODEL, method: str | None = None, options: dict | None = None,
+def compare(model: str = DEFAULT_MODEL, method: str | None = None, options: dict | list[str] | None = None,
             prompt: str = DEFAULT_PROMPT, class_label: int | None = None, steps: int = 20, guidance: float | None = None,
             height: int | None = None, width: int | None = None, seed: int = 0, out: str | None = None,
             dtype: str = "auto", device: str = "auto", warmup: bool = True) -> dict:
     """Generate with the stock and the patched pipeline; returns a summary dict (and writes `out`).
 
-    method None: the model family's default (`DEFAULT_METHODS`); class_label None: `default_class_labels`.
+    method None: the model family's default (`Family.default_method`); class_label None:
+    `default_class_labels`. options: typed values, or `--option` texts (["key=value", ...], read by
+    each option's kind once the method is known).
     """
-    from diffusers_ext.loading import load_pipeline
+    from .loading import load_pipeline
 
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+    texts = split_option_pairs(options) if isinstance(options, list) else None   # syntax errors before loading
+    if method is not None and texts is not None:
+        parse_options(texts, method)                                  # unknown names before loading
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(model, dtype=dtype, device=device)
     method = method or default_method(pipe)
+    if texts is not None:
+        options = parse_options(texts, method)
     labels = default_class_labels(pipe) if class_label is None else class_label
-    kwargs = _call_kwargs(pipe, prompt, labels, steps, guidance, height, width, seed)
+    kwargs = call_kwargs(pipe, prompt, labels, steps, guidance, height, width, seed)
     result = compare_pipeline(pipe, method, options, kwargs, warmup=warmup)
     summary = {"model": model, **result.summary}
     if out is not None:
@@ -255,26 +173,19 @@ def compare(model: str = DEFAULT_MODEL, method: str | None = None, options: dict
     return summary
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare", help="stock vs patched pipeline from one seed: time per step, ratio, side-by-side image",
-        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"hub id, local pipeline folder, digits or tiny:<family> (default {DEFAULT_MODEL}, "
                              "the shipped digits SiT, offline)")
-    parser.add_argument("--method", default=None,
-                        help="method name (see `diffusers-ext methods`); default per model family: "
-                             + ", ".join(f"{k} {v}" for k, v in DEFAULT_METHODS.items()))
-    parser.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, repeatable")
+    parser.add_argument("--method", default=None, choices=list(all_methods()),
+                        help="default per model family: "
+                             + ", ".join(f"{f.name} {f.default_method}" for f in families().values()))
+    parser.add_argument("--option", action="append", metavar="KEY=VALUE",
+                        help="method option, repeatable; each read by its kind (`diffusers-ext methods` lists them)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--class-label", type=int, default=None,
                         help="class for class-conditional pipelines (default: every digit once for the digits "
@@ -292,12 +203,13 @@ def register(subparsers) -> None:
     parser.set_defaults(func=_main)
 
     methods = subparsers.add_parser("methods", help="list the methods, their model families and options")
+    methods.add_argument("--markdown", action="store_true", help="print each method's option table in markdown")
     methods.set_defaults(func=_list_methods)
 
 
 def _main(args) -> int:
     summary = compare(
-        args.model, args.method, parse_options(args.option), args.prompt, args.class_label, args.steps,
+        args.model, args.method, list(args.option or []), args.prompt, args.class_label, args.steps,
         args.guidance_scale, args.height, args.width, args.seed, args.out, args.dtype, args.device, args.warmup,
     )
     print(
@@ -313,11 +225,15 @@ def _main(args) -> int:
 
 
 def _list_methods(args) -> int:
-    import diffusers_ext as dx
+    from .registry import options_markdown
 
-    for info in dx.methods():
-        kind = "training-free" if info["training_free"] else "needs a short fine-tune"
-        print(f"{info['name']}: {info['description']} [{kind}; families: {', '.join(info['families'])}]")
-        for name, option in info["options"].items():
-            print(f"    {name} = {option['default']!r}: {option['doc']}")
+    for name, spec in all_methods().items():
+        kind = "training-free" if spec.training_free else "needs a short fine-tune"
+        if args.markdown:
+            print(f"### `{name}`\n\n{spec.description} ({kind}; families: {', '.join(spec.families)})\n")
+            print(options_markdown(name) + "\n")
+            continue
+        print(f"{name}: {spec.description} [{kind}; families: {', '.join(spec.families)}]")
+        for option in spec.options:
+            print(f"    {option.name} = {option.default!r} ({option.check.describe()}): {option.doc}")
     return 0

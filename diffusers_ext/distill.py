@@ -45,12 +45,11 @@ from typing import Any, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from .families import find_denoiser
+from .families import Family, find_denoiser, get_family
 from .patching import RECORD_ATTRIBUTE, PatchRecord, patch
 from .registry import get_method
 
 TRAINER_STATE = "trainer_state.pt"
-UNET_FAMILIES = ("sd", "sdxl", "animatediff")
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -135,45 +134,31 @@ def read_prompts(prompts: Sequence[str] | str) -> list[str]:
 
 
 class PromptConditions:
-    """Text-to-image: prompts encoded once with the pipeline's `encode_prompt`, kept on the CPU.
-    Row 0 of the table is the empty prompt (the unconditional branch of guidance)."""
+    """Text-to-image: prompts encoded once with the family's `encode_prompts` (the pipeline's
+    `encode_prompt`), kept on the CPU. Row 0 of the table is the empty prompt (the unconditional
+    branch of guidance); `Family.condition_kwargs` turns drawn rows into the denoiser's arguments."""
 
-    def __init__(self, pipe, family: str, prompts: Sequence[str] | str, uncond_prob: float = 0.1,
+    def __init__(self, pipe, family: Family | str, prompts: Sequence[str] | str, uncond_prob: float = 0.1,
                  resolution: tuple[int, int] | None = None, chunk: int = 16):
+        self.family = get_family(family) if isinstance(family, str) else family
+        if self.family.conditioning != "text":
+            raise ValueError(f"prompts are not supported for the {self.family.name!r} family "
+                             "(class-conditional models take class labels)")
         self.prompts = read_prompts(prompts)
         self.uncond_prob = uncond_prob
-        self.family = family
+        self.resolution = resolution
         encoded = [self._encode(pipe, ["", *self.prompts][i:i + chunk]) for i in range(0, len(self.prompts) + 1, chunk)]
         self.table = {key: torch.cat([e[key] for e in encoded]) for key in encoded[0]}
-        if family == "sdxl":
-            height, width = resolution
-            self.time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
 
     @torch.no_grad()
     def _encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
         device = getattr(pipe, "_execution_device", None) or pipe.device
-        if self.family == "sd":
-            embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
-            return {"encoder_hidden_states": embeds.cpu()}
-        if self.family == "sdxl":
-            embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
-                                                      do_classifier_free_guidance=False)
-            return {"encoder_hidden_states": embeds.cpu(), "text_embeds": pooled.cpu()}
-        if self.family == "sd3":
-            embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
-                                                      num_images_per_prompt=1, do_classifier_free_guidance=False)
-            return {"encoder_hidden_states": embeds.cpu(), "pooled_projections": pooled.cpu()}
-        raise ValueError(f"prompts are not supported for the {self.family!r} family "
-                         "(class-conditional models take class labels)")
+        return {key: value.cpu() for key, value in self.family.encode_prompts(pipe, prompts, device).items()}
 
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
         index = torch.randint(1, len(self.prompts) + 1, (batch_size,), generator=generator)
         index[torch.rand(batch_size, generator=generator) < self.uncond_prob] = 0
-        if self.family == "sdxl":
-            return {"encoder_hidden_states": self.table["encoder_hidden_states"][index],
-                    "added_cond_kwargs": {"text_embeds": self.table["text_embeds"][index],
-                                          "time_ids": self.time_ids.expand(batch_size, -1)}}
-        return {key: value[index] for key, value in self.table.items()}
+        return self.family.condition_kwargs({key: value[index] for key, value in self.table.items()}, self.resolution)
 
 
 class ClassConditions:
@@ -206,12 +191,13 @@ class ClassConditions:
 
 def default_conditions(pipe, denoiser, family: str, config: DistillConfig,
                        resolution: tuple[int, int] | None) -> Conditions:
-    if family == "dit":
+    family = get_family(family)
+    if family.video:
+        raise ValueError(f"distillation of {family.description} models is not supported yet")
+    if family.conditioning == "class":
         return ClassConditions.for_model(denoiser, config.class_labels, config.uncond_prob)
-    if family == "animatediff":
-        raise ValueError("distillation of AnimateDiff models is not supported yet")
     if config.prompts is None:
-        raise ValueError(f"a text-to-image model ({family}) needs prompts: a list or a file, one prompt per line")
+        raise ValueError(f"a text-to-image model ({family.name}) needs prompts: a list or a file, one prompt per line")
     if pipe is None:
         raise ValueError("prompts are encoded with the pipeline's text encoders: pass the pipeline, not the bare "
                          "denoiser (or pass your own `conditions=`)")
@@ -331,7 +317,7 @@ class Distiller:
         self.device = self.accelerator.device
 
         # what trains
-        groups = self.method.trainable_parameters(self.denoiser, record, record.options)
+        groups = self.method.trainable_parameters(record)
         self.new_params = _unique(groups.get("new", []))
         inherited = _unique(groups.get("inherited", [])) if config.inherited_lr > 0 else []
         self.inherited_params = [p for p in inherited if all(p is not q for q in self.new_params)]
@@ -351,7 +337,7 @@ class Distiller:
         self.conditions = conditions or default_conditions(self.pipe, self.denoiser, record.family, config, resolution)
         scheduler = getattr(self.pipe, "scheduler", None)
         if scheduler is None and noising is None:
-            noising = "flow" if record.family == "sd3" else "ddpm"
+            noising = get_family(record.family).noising
         self.noising = Noising(scheduler, noising)
         if data is not None:
             if data.ndim != 4 or tuple(data.shape[1:]) != self.latent_shape:
@@ -473,7 +459,7 @@ class Distiller:
 
     def _inputs(self, sample, timestep, cond) -> dict[str, Any]:
         """Denoiser keyword arguments on the device, floating tensors in the model's dtype."""
-        key = "sample" if self.record.family in UNET_FAMILIES else "hidden_states"
+        key = get_family(self.record.family).input_key
         dtype = next(self.denoiser.parameters()).dtype
         return _to_device({key: sample, "timestep": timestep, **cond}, self.device, dtype)
 

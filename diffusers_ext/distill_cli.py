@@ -11,24 +11,14 @@ import argparse
 import json
 
 
-def _option(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (a JSON value or a string), got {text!r}")
-    name, value = text.split("=", 1)
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = value
-    return name.strip(), tuple(parsed) if isinstance(parsed, list) else parsed
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("distill", help="fine-tune a method by distillation from the original model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="hub id, pipeline folder, or tiny:<family>")
     p.add_argument("method", help="the method to fine-tune, e.g. t5")
-    p.add_argument("--option", action="append", type=_option, default=[], metavar="NAME=VALUE",
-                   help="a method option (JSON value), repeatable, e.g. --option text_tokens=ttt")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a method option, repeatable, each read by its kind, e.g. --option text_tokens=ttt "
+                        "(`diffusers-ext methods` lists them)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--prompts", help="text file, one prompt per line (text-to-image models)")
     p.add_argument("--class-labels", help="comma-separated class labels to draw (class-conditional models)")
@@ -60,7 +50,9 @@ def run(args) -> int:
 
     from .distill import DistillConfig, Distiller
     from .loading import load_pipeline
+    from .registry import parse_options
 
+    options = parse_options(args.option, args.method)   # bad options fail before the model loads
     state = PartialState(cpu=args.cpu)
     labels = [int(x) for x in args.class_labels.split(",")] if args.class_labels else None
     config = DistillConfig(
@@ -73,7 +65,7 @@ def run(args) -> int:
         resume=args.resume, seed=args.seed, progress=not args.no_progress,
     )
     pipe = load_pipeline(args.model, dtype=args.dtype, device=str(state.device))
-    result = Distiller(pipe, args.method, config, options=dict(args.option)).train()
+    result = Distiller(pipe, args.method, config, options=options).train()
     if state.is_main_process:
         print(json.dumps({"output_dir": str(result.output_dir), "steps": result.steps,
                           "final_loss": result.losses[-1] if result.losses else None,

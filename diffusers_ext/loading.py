@@ -13,7 +13,17 @@ import os
 import torch
 
 TINY_PREFIX = "tiny:"
-EMBEDDED = ("digits",)   # trained models shipped inside the package
+EMBEDDED_FAMILIES = {"digits": "dit"}   # trained models shipped inside the package -> their model family
+EMBEDDED = tuple(EMBEDDED_FAMILIES)
+
+
+def embedded_family(model: str) -> str | None:
+    """The model family of an embedded model (`digits`, `tiny:<name>`) without building it; else None."""
+    if model.startswith(TINY_PREFIX):
+        from .testing import TINY_FAMILIES
+
+        return TINY_FAMILIES.get(model[len(TINY_PREFIX):])
+    return EMBEDDED_FAMILIES.get(model)
 
 
 def resolve_device(device: str | None = None) -> torch.device:

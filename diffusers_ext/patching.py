@@ -8,17 +8,20 @@
 
 A patch replaces the processors of the sites the method selects, keeps the originals to restore
 them, and attaches a step tracker to the denoiser (see `steps.py`). Patching a patched model
-replaces the first patch cleanly. The record lives on the denoiser as `_diffusers_ext_patch`.
+replaces the first patch cleanly. The record lives on the denoiser as `_diffusers_ext_patch`; it is
+also the patch's context for the method's lifecycle hooks (`Method.prepare / attach / detach`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .errors import PatchError, UnsupportedModelError
 from .families import AttentionSite, describe_sites, family_of, find_denoiser
 from .registry import get_method
 from .steps import StepState, attach_step_tracker, detach_step_tracker
@@ -28,19 +31,44 @@ RECORD_ATTRIBUTE = "_diffusers_ext_patch"
 
 @dataclass
 class PatchRecord:
-    """What a patch changed, enough to undo it exactly."""
+    """One patch: what it changed (enough to undo it exactly) and the method's per-patch context.
+
+    method, family, options: the method, the family name, the resolved options.
+    state: the step state the patch's processors read (set by the step tracker every forward).
+    originals: site name -> the processor the patch replaced.
+    resources: the method's per-patch shared objects (built in `Method.prepare`), e.g. the mediator
+        count switch all processors of a patch read.
+    denoiser / pipeline: the patched model and the pipeline it was patched through (None for a bare
+        denoiser); held weakly, so a record never keeps a model alive.
+    """
 
     method: str
     family: str
     options: dict[str, Any]
     state: StepState
     originals: dict[str, Any] = field(default_factory=dict)   # site name -> original processor
+    resources: dict[str, Any] = field(default_factory=dict)
     had_hook_registry: bool = False
     had_instance_forward: bool = False
+    _denoiser: Any = field(default=None, repr=False)
+    _pipeline: Any = field(default=None, repr=False)
 
     @property
     def sites(self) -> list[str]:
         return list(self.originals)
+
+    @property
+    def denoiser(self) -> torch.nn.Module | None:
+        return self._denoiser() if self._denoiser is not None else None
+
+    @property
+    def pipeline(self):
+        return self._pipeline() if self._pipeline is not None else None
+
+    def processors(self) -> dict[str, Any]:
+        """Site name -> the processor installed there now."""
+        modules = dict(self.denoiser.named_modules())
+        return {name: modules[name].processor for name in self.originals}
 
 
 def patch(pipe_or_model, method: str, *, weights: str | None = None, **options) -> PatchRecord:
@@ -48,8 +76,9 @@ def patch(pipe_or_model, method: str, *, weights: str | None = None, **options) 
 
     Options are the method's (see `diffusers_ext.methods()`); every method takes `steps`, the part
     of the denoising run where it acts (default: the method's recipe), as fractions `(0.0, 0.4)` or
-    step indices `(0, 20)`. Raises ValueError / TypeError for an unknown method, an unsupported
-    model, bad options, or a patch that would replace nothing; the model is then left untouched.
+    step indices `(0, 20)`. Raises an `OptionError` (a ValueError) for an unknown method or bad
+    options, an `UnsupportedModelError` (a TypeError) for a model the method does not fit, and a
+    `PatchError` (a ValueError) for a patch that would replace nothing; the model is then untouched.
     `weights`: a folder written by the fine-tune (`diffusers_ext.weights`); its saved options are the
     defaults, the caller's options override them.
     """
@@ -59,27 +88,27 @@ def patch(pipe_or_model, method: str, *, weights: str | None = None, **options) 
 
         config = read_config(weights)
         if config["method"] != method:
-            raise ValueError(f"weights in {weights} are for method {config['method']!r}, not {method!r}")
+            raise PatchError(f"weights in {weights} are for method {config['method']!r}, not {method!r}")
         options = {**saved_options(config), **options}
     spec = get_method(method)
     denoiser, pipeline = find_denoiser(pipe_or_model)
     family = family_of(denoiser)
     if family.name not in spec.families:
-        raise TypeError(
+        raise UnsupportedModelError(
             f"method {method!r} does not support {type(denoiser).__name__} (family {family.name!r}); "
             f"it supports: {', '.join(spec.families)}"
         )
-    resolved = spec.resolve_options(family.name, options)
+    resolved = spec.resolve_options(family.name, options, denoiser)
     schedules = {key: value for key, value in resolved.items() if key.endswith("steps")}
     if pipeline is None and any(s.by_index for s in schedules.values()):
-        raise ValueError(
+        raise PatchError(
             "schedules given as step indices need the pipeline (its scheduler knows the steps); "
             "patch the pipeline, or give fractions of the run such as (0.0, 0.4)"
         )
 
     sites: list[AttentionSite] = spec.select_sites(family.find_sites(denoiser), resolved, family.name)
     if not sites:
-        raise ValueError(
+        raise PatchError(
             f"method {method!r} with these options replaces no attention in this "
             f"{type(denoiser).__name__} ({family.description}; {describe_sites(family.find_sites(denoiser))}); "
             "a patch that changes nothing is refused"
@@ -92,32 +121,33 @@ def patch(pipe_or_model, method: str, *, weights: str | None = None, **options) 
         else site.module.processor
         for site in sites
     }
-    state = StepState(schedules=schedules)
-    processors = {site.name: spec.make_processor(site, originals[site.name], resolved, state) for site in sites}
+    record = PatchRecord(
+        method, family.name, resolved, StepState(schedules=schedules), originals=originals,
+        _denoiser=weakref.ref(denoiser), _pipeline=weakref.ref(pipeline) if pipeline is not None else None,
+    )
+    spec.prepare(record)
+    processors = {site.name: spec.make_processor(site, originals[site.name], record) for site in sites}
 
     unpatch(denoiser, missing_ok=True)
-    record = PatchRecord(
-        method, family.name, resolved, state, originals=originals,
-        had_hook_registry=hasattr(denoiser, "_diffusers_hook"),
-        had_instance_forward="forward" in denoiser.__dict__,
-    )
+    record.had_hook_registry = hasattr(denoiser, "_diffusers_hook")
+    record.had_instance_forward = "forward" in denoiser.__dict__
     param = next(denoiser.parameters(), None)
     for site in sites:
         processor = processors[site.name]
         if param is not None and isinstance(processor, torch.nn.Module):
             processor.to(device=param.device)
         site.module.set_processor(processor)
-    attach_step_tracker(denoiser, state, pipeline)
+    attach_step_tracker(denoiser, record.state, pipeline)
     setattr(denoiser, RECORD_ATTRIBUTE, record)
-    spec.attach(denoiser, record)
-    if config is not None:
-        from .weights import load_weights
+    try:
+        spec.attach(record)
+        if config is not None:
+            from .weights import load_weights
 
-        try:
             load_weights(weights, denoiser, config)
-        except Exception:
-            unpatch(denoiser)
-            raise
+    except Exception:
+        unpatch(denoiser)
+        raise
     return record
 
 
@@ -128,10 +158,10 @@ def unpatch(pipe_or_model, missing_ok: bool = False) -> None:
     if record is None:
         if missing_ok:
             return
-        raise ValueError(f"{type(denoiser).__name__} is not patched by diffusers_ext")
+        raise PatchError(f"{type(denoiser).__name__} is not patched by diffusers_ext")
     from .weights import restore_inherited
 
-    get_method(record.method).detach(denoiser, record)
+    get_method(record.method).detach(record)
     restore_inherited(denoiser)  # pretrained tensors a weights folder overwrote (fine-tuned projections)
     modules = dict(denoiser.named_modules())
     for name, original in record.originals.items():

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-TINY_FAMILIES = ("sd", "sdxl", "sd3", "sd35", "dit", "sit", "animatediff")
+# tiny model name -> the model family (diffusers_ext.families) of its denoiser
+TINY_FAMILIES = {"sd": "sd", "sdxl": "sdxl", "sd3": "sd3", "sd35": "sd3", "dit": "dit", "sit": "dit",
+                 "animatediff": "animatediff"}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -193,9 +195,19 @@ def _tiny_dit():
     return DiTPipeline(transformer=tiny_dit_transformer(), vae=tiny_vae(), scheduler=DDIMScheduler(), id2label=labels)
 
 
-def _tiny_sit():
-    from diffusers_ext.pipelines.sit import tiny_sit_pipeline
+def tiny_sit_pipeline(seed: int = 0, sample_size: int = 16):
+    """A tiny random-weight SiT pipeline (diffusers_ext.pipelines.sit), deterministic in `seed`."""
+    from diffusers_ext.pipelines.sit import SiTPipeline, SiTScheduler
 
+    torch.manual_seed(seed)
+    labels = {i: f"class {i}" for i in range(1000)}
+    pipe = SiTPipeline(transformer=tiny_dit_transformer(sample_size=sample_size), vae=tiny_vae(),
+                       scheduler=SiTScheduler(), id2label=labels)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_sit():
     return tiny_sit_pipeline()
 
 

@@ -3,7 +3,7 @@
 Imported lazily: `from diffusers_ext.pipelines import SiTPipeline` loads `sit.py` on first use."""
 
 _EXPORTS = {
-    "SiTPipeline": "sit", "SiTScheduler": "sit", "tiny_sit_pipeline": "sit",
+    "SiTPipeline": "sit", "SiTScheduler": "sit",
     "convert_dit_checkpoint": "convert", "use_original_time_embedding": "convert",
 }
 

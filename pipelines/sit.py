@@ -239,16 +239,4 @@ class SiTPipeline(DiffusionPipeline):
         return x + scheduler.sde_drift(field(x, t), x, t) * scheduler.config.last_step_size
 
 
-def tiny_sit_pipeline(seed: int = 0, sample_size: int = 16) -> SiTPipeline:
-    """A tiny random-weight SiT pipeline (offline; for tests and `load_pipeline("tiny:sit")`)."""
-    from diffusers_ext.testing import tiny_dit_transformer, tiny_vae
-
-    torch.manual_seed(seed)
-    labels = {i: f"class {i}" for i in range(1000)}
-    pipe = SiTPipeline(transformer=tiny_dit_transformer(sample_size=sample_size), vae=tiny_vae(),
-                       scheduler=SiTScheduler(), id2label=labels)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-__all__ = ["SiTPipeline", "SiTScheduler", "tiny_sit_pipeline", "SAMPLERS", "NULL_CLASS"]
+__all__ = ["SiTPipeline", "SiTScheduler", "SAMPLERS", "NULL_CLASS"]

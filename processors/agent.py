@@ -140,12 +140,11 @@ class AgentMethod(Method):
     def select_sites(self, sites, options, family):
         return unet_self_attention(sites, options["max_downsample"])
 
-    def make_processor(self, site, original, options, state):
-        return AgentAttnProcessor(original, site, state, options)
+    def make_processor(self, site, original, patch):
+        return AgentAttnProcessor(original, site, patch.state, patch.options)
 
-    def attach(self, denoiser, record):
-        modules = dict(denoiser.named_modules())
-        processors = [modules[name].processor for name in record.sites]
+    def attach(self, patch):
+        processors = list(patch.processors().values())
         finest = min(p.level for p in processors)
         for processor in processors:
             processor.finest = processor.level == finest

@@ -162,5 +162,5 @@ class AnchorFrameMethod(Method):
     def select_sites(self, sites, options, family):
         return [s for s in sites if s.role == "self"]
 
-    def make_processor(self, site, original, options, state):
-        return AnchorFrameAttnProcessor(original, site, state, options)
+    def make_processor(self, site, original, patch):
+        return AnchorFrameAttnProcessor(original, site, patch.state, patch.options)

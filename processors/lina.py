@@ -34,12 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusers_ext.ops import GridDepthwiseConv, gated_linear_attention, sdpa
-from diffusers_ext.processor import (
-    PatchProcessor, merge_heads, project_kv, project_out, project_q, project_text, project_text_out, run_self_attention,
-    split_heads,
-)
-from diffusers_ext.processors.ttt import BLOCKS, DUAL_ATTENTION, T5Method
-from diffusers_ext.registry import STEPS, Method, Option, number, one_of, register_method
+from diffusers_ext.families import family_of
+from diffusers_ext.joint import BLOCKS, DUAL_ATTENTION, JointAttentionMethod, JointAttentionProcessor
+from diffusers_ext.processor import merge_heads, project_kv, project_out, project_q, project_text, project_text_out, \
+    split_heads
+from diffusers_ext.registry import STEPS, Option, number, one_of, register_method
 
 
 def _grid_or_auto(value):
@@ -81,7 +80,7 @@ def fit_sequence_gate(gate: torch.Tensor | None, length: int) -> torch.Tensor | 
     return torch.cat([gate, gate.new_ones(1, gate.shape[1], length - have, 1)], dim=2)
 
 
-class LinaAttnProcessor(PatchProcessor):
+class LinaAttnProcessor(JointAttentionProcessor):
     """LINA attention on one SD3 joint-attention or image self-attention layer.
 
     New parameters: `conv` (depthwise k x k on the grid), `key_gate` / `value_gate` (1, h, H*W, 1) on
@@ -93,9 +92,7 @@ class LinaAttnProcessor(PatchProcessor):
     def __init__(self, original, site, state, options):
         super().__init__(original, site, state)
         attn = site.module
-        self.heads = attn.heads
-        inner_dim = attn.to_q.out_features
-        self.head_dim = inner_dim // attn.heads
+        inner_dim = self.inner_dim
         self.text_tokens = options["text_tokens"]
         self.gate_resize = options["gate_resize"]
         self.conv_on = options["conv_on"]
@@ -143,17 +140,6 @@ class LinaAttnProcessor(PatchProcessor):
 
     # --- forward ---------------------------------------------------------------------------------------
 
-    def patched(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
-        if attention_mask is not None:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                                 reason="LINA does not take attention masks")
-        if encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None:
-            return self.joint_attend(attn, hidden_states, encoder_hidden_states)
-        if encoder_hidden_states is not None:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                                 reason="LINA replaces self- or joint attention, got cross-attention")
-        return run_self_attention(attn, hidden_states, temb, lambda x: self.self_attend(attn, x))
-
     def self_attend(self, attn, x: torch.Tensor) -> torch.Tensor:
         """Image self-attention: x (B, N, C) on the grid -> (B, N, C_out) after `to_out`."""
         grid = self.grid_of(x.shape[1])
@@ -199,19 +185,9 @@ def _join(image_gate, text_gate, num_image: int, num_text: int, heads: int):
                       text_gate if text_gate is not None else ones(num_text)], dim=2)
 
 
-def native_grid(denoiser) -> tuple[int, int]:
-    """The token grid a DiT / SD3 transformer was trained at: sample_size / patch_size."""
-    config = denoiser.config
-    size, patch = config.sample_size, getattr(config, "patch_size", None) or 1
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return height // patch, width // patch
-
-
 @register_method
-class LinaMethod(Method):
+class LinaMethod(JointAttentionMethod):
     name = "lina"
-    families = ("sd3", "dit")
-    training_free = False
     description = ("LINA: division-normalised ReLU linear attention with a learnable KV gate and a depthwise "
                    "conv (SD3/SD3.5 joint attention, DiT/SiT self-attention; needs a short fine-tune)")
     options = (
@@ -238,19 +214,17 @@ class LinaMethod(Method):
         if family == "dit" and options["text_gate_tokens"]:
             raise ValueError("option `text_gate_tokens`: DiT / SiT have no text tokens; leave it 0")
 
-    select_sites = T5Method.select_sites
+    def make_processor(self, site, original, patch):
+        return LinaAttnProcessor(original, site, patch.state, patch.options)
 
-    def make_processor(self, site, original, options, state):
-        return LinaAttnProcessor(original, site, state, options)
+    def resolve_for_model(self, options, denoiser):
+        """`gate_grid` None -> the model's native token grid (so a weights folder states the grid its
+        gates belong to)."""
+        if options["gate_grid"] is None:
+            options["gate_grid"] = family_of(denoiser).native_grid(denoiser)
+        options["gate_grid"] = tuple(options["gate_grid"])
 
-    def attach(self, denoiser, record):
-        """Build the gates at `gate_grid` (resolved to the model's native grid and written back into
-        the record's options, so a weights folder states the grid its gates belong to)."""
-        grid = record.options["gate_grid"] or native_grid(denoiser)
-        record.options["gate_grid"] = tuple(grid)
-        modules = dict(denoiser.named_modules())
-        for name in record.sites:
-            modules[name].processor.build_gates(grid)
-
-    # New: gates and conv of every converted layer. Inherited: the converted layers' projections.
-    trainable_parameters = T5Method.trainable_parameters
+    def attach(self, patch):
+        """Build the gates at the resolved `gate_grid`."""
+        for processor in patch.processors().values():
+            processor.build_gates(patch.options["gate_grid"])

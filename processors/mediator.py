@@ -45,7 +45,6 @@ from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, merge
 from diffusers_ext.registry import STEPS, Method, Option, boolean, number, one_of, register_method
 
 DEFAULT_MEDIATORS = 64
-_COUNTS_OF_STATE: "weakref.WeakValueDictionary[int, MediatorCounts]" = weakref.WeakValueDictionary()
 
 
 # --- options ----------------------------------------------------------------------------------------
@@ -283,20 +282,20 @@ class MediatorMethod(Method):
     def step_dependent(self, options):
         return super().step_dependent(options) or len(options["mediators"]) > 1
 
-    def make_processor(self, site, original, options, state):
-        counts = _COUNTS_OF_STATE.get(id(state))      # one per patch (weak: no cycle through the state)
-        if counts is None:
-            counts = MediatorCounts(state, options["mediators"], options["switch_at"], options["switch_ratios"],
-                                    options["switch_window"], options["switch_norm"])
-            _COUNTS_OF_STATE[id(state)] = counts
-        return MediatorAttnProcessor(original, site, state, options, counts)
+    def prepare(self, patch):
+        """One count switch per patch, shared by all its processors."""
+        options = patch.options
+        patch.resources["counts"] = MediatorCounts(patch.state, options["mediators"], options["switch_at"],
+                                                   options["switch_ratios"], options["switch_window"],
+                                                   options["switch_norm"])
 
-    def attach(self, denoiser, record):
-        counts = _COUNTS_OF_STATE.get(id(record.state))
-        if counts is not None and counts.switch_ratios is not None:  # the adaptive switch reads the latent
-            counts.attach(denoiser)
+    def make_processor(self, site, original, patch):
+        return MediatorAttnProcessor(original, site, patch.state, patch.options, patch.resources["counts"])
 
-    def detach(self, denoiser, record):
-        counts = _COUNTS_OF_STATE.get(id(record.state))
-        if counts is not None:
-            counts.detach()
+    def attach(self, patch):
+        counts = patch.resources["counts"]
+        if counts.switch_ratios is not None:  # the adaptive switch reads the latent
+            counts.attach(patch.denoiser)
+
+    def detach(self, patch):
+        patch.resources["counts"].detach()

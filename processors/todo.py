@@ -63,5 +63,5 @@ class ToDoMethod(Method):
     def select_sites(self, sites, options, family):
         return unet_self_attention(sites, options["max_downsample"])
 
-    def make_processor(self, site, original, options, state):
-        return ToDoAttnProcessor(original, site, state, options)
+    def make_processor(self, site, original, patch):
+        return ToDoAttnProcessor(original, site, patch.state, patch.options)

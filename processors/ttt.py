@@ -34,28 +34,16 @@ import torch
 from torch import nn
 
 from diffusers_ext.ops import GridDepthwiseConv, key_instance_norm, sdpa, ttt_attention, ttt_inner_step, ttt_read
+from diffusers_ext.joint import BLOCKS, DUAL_ATTENTION, JointAttentionMethod, JointAttentionProcessor
 from diffusers_ext.processor import (
-    PatchProcessor, compute_dtype, merge_heads, project_kv, project_out, project_q, project_text, project_text_out,
-    run_self_attention, split_heads,
+    compute_dtype, merge_heads, project_kv, project_out, project_q, project_text, project_text_out, split_heads,
 )
-from diffusers_ext.registry import STEPS, Method, Option, boolean, number, one_of, register_method
+from diffusers_ext.registry import STEPS, Option, number, one_of, register_method
 
 KEY_NORM_EPS = 1.0
 
 
-def _blocks(value):
-    """Option check: "all" or a non-empty sequence of distinct block indices >= 0."""
-    if value == "all":
-        return "all"
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise ValueError(f"expected 'all' or a list of block indices, got {value!r}")
-    indices = tuple(value)
-    if not indices or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
-        raise ValueError(f"expected 'all' or a non-empty list of block indices >= 0, got {value!r}")
-    return tuple(sorted(set(indices)))
-
-
-class TTTAttnProcessor(PatchProcessor):
+class TTTAttnProcessor(JointAttentionProcessor):
     """T^5 attention on one SD3 joint-attention or image self-attention layer."""
 
     label = "T^5"
@@ -63,9 +51,7 @@ class TTTAttnProcessor(PatchProcessor):
     def __init__(self, original, site, state, options):
         super().__init__(original, site, state)
         attn = site.module
-        self.heads = attn.heads
-        inner_dim = attn.to_q.out_features
-        self.head_dim = inner_dim // attn.heads
+        inner_dim = self.inner_dim
         self.text_tokens = options["text_tokens"]
         weight = attn.to_q.weight
         d, h = self.head_dim, self.heads
@@ -93,17 +79,6 @@ class TTTAttnProcessor(PatchProcessor):
 
     # --- forward ---------------------------------------------------------------------------------------
 
-    def patched(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
-        if attention_mask is not None:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                                 reason="T^5 does not take attention masks")
-        if encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None:
-            return self.joint(attn, hidden_states, encoder_hidden_states)
-        if encoder_hidden_states is not None:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                                 reason="T^5 replaces self- or joint attention, got cross-attention")
-        return run_self_attention(attn, hidden_states, temb, lambda x: self.self_attend(attn, x))
-
     def self_attend(self, attn, x: torch.Tensor) -> torch.Tensor:
         """Image self-attention: x (B, N, C) on the grid -> (B, N, C_out) after `to_out`."""
         grid = self.grid_of(x.shape[1])
@@ -114,7 +89,7 @@ class TTTAttnProcessor(PatchProcessor):
         out = ttt_attention(q, k, v, *self._inner(dtype), attn.scale)
         return project_out(attn, out, x.dtype)
 
-    def joint(self, attn, x: torch.Tensor, c: torch.Tensor):
+    def joint_attend(self, attn, x: torch.Tensor, c: torch.Tensor):
         """SD3 joint attention: image tokens x (B, N, C), text tokens c (B, M, C_text) ->
         (image output (B, N, C), text output (B, M, C_text) or, with `context_pre_only`, unprojected)."""
         grid = self.grid_of(x.shape[1])
@@ -140,17 +115,9 @@ class TTTAttnProcessor(PatchProcessor):
         return project_out(attn, out_image, x.dtype), project_text_out(attn, out_text, c.dtype)
 
 
-# Which attention a conversion of a transformer replaces (shared with LINA, which converts the same sites).
-BLOCKS = Option("blocks", "all", "transformer blocks to convert: 'all' or a list of block indices", _blocks)
-DUAL_ATTENTION = Option("dual_attention", True,
-                        "SD3.5: also convert the image self-attention `attn2` of dual-attention blocks", boolean)
-
-
 @register_method
-class T5Method(Method):
+class T5Method(JointAttentionMethod):
     name = "t5"
-    families = ("sd3", "dit")
-    training_free = False
     description = ("T^5: attention linearised by one closed-form test-time-training step "
                    "(SD3/SD3.5 joint attention, DiT self-attention; needs a short fine-tune)")
     options = (
@@ -165,35 +132,5 @@ class T5Method(Method):
                one_of("zero", "default")),
     )
 
-    def select_sites(self, sites, options, family):
-        roles = {"joint", "self"} if options["dual_attention"] else {"joint"}
-        if family == "dit":
-            roles = {"self"}
-        chosen = [s for s in sites if s.role in roles]
-        blocks = options["blocks"]
-        if blocks != "all":
-            depths = sorted({s.depth for s in chosen})
-            missing = [b for b in blocks if b not in depths]
-            if missing:
-                have = f"blocks {depths[0]}..{depths[-1]}" if depths else "none"
-                raise ValueError(f"option `blocks`: no block(s) {missing} with convertible attention; this model "
-                                 f"has {have}")
-            chosen = [s for s in chosen if s.depth in blocks]
-        return chosen
-
-    def make_processor(self, site, original, options, state):
-        return TTTAttnProcessor(original, site, state, options)
-
-    def trainable_parameters(self, denoiser, record, options):
-        """New: W1, W2 and the two convs of every converted layer. Inherited: the converted layers'
-        linear projections (to_q/k/v, to_out, and for joint attention add_q/k/v_proj, to_add_out)."""
-        modules = dict(denoiser.named_modules())
-        new, inherited = [], []
-        for name in record.sites:
-            attn = modules[name]
-            new.extend(attn.processor.parameters())
-            for layer in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
-                if isinstance(getattr(attn, layer, None), nn.Linear):
-                    inherited.extend(getattr(attn, layer).parameters())
-            inherited.extend(attn.to_out[0].parameters())
-        return {"new": new, "inherited": inherited}
+    def make_processor(self, site, original, patch):
+        return TTTAttnProcessor(original, site, patch.state, patch.options)

@@ -134,5 +134,5 @@ class VCAMethod(Method):
     def select_sites(self, sites, options, family):
         return [s for s in sites if s.role == "self"]
 
-    def make_processor(self, site, original, options, state):
-        return VCAAttnProcessor(original, site, state, options)
+    def make_processor(self, site, original, patch):
+        return VCAAttnProcessor(original, site, patch.state, patch.options)

@@ -4,7 +4,8 @@ import logging
 
 import pytest
 import torch
-from conftest import denoiser_inputs, run_denoiser
+from diffusers_ext.patching import PatchRecord
+from helpers import denoiser_inputs, run_denoiser
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 import diffusers_ext as dx
@@ -117,7 +118,7 @@ def _processor(attn, site, latent_hw, agent_phase=True, **options):
     state = StepState(schedules={"steps": Schedule(), "agent_steps": resolved["agent_steps"]})
     state.latent_hw = latent_hw
     state.update(999.0, 0, 50, 0.0 if agent_phase else 0.9)
-    processor = method.make_processor(site, attn.processor, resolved, state)
+    processor = method.make_processor(site, attn.processor, PatchRecord("agent", "sd", resolved, state))
     attn.set_processor(processor)
     return processor
 
@@ -291,7 +292,7 @@ def test_todo_matches_dense_downsampled_attention(mode):
     state = StepState(schedules={"steps": Schedule()})
     state.latent_hw = (8, 6)
     state.update(999.0, 0, 10, 0.0)
-    attn.set_processor(method.make_processor(site, attn.processor, options, state))
+    attn.set_processor(method.make_processor(site, attn.processor, PatchRecord("todo", "sd", options, state)))
     x = torch.randn(2, 48, 32)
     with torch.no_grad():
         out = attn(x)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_ext.compare import parse_options
 from diffusers_ext.eval.sampling import SampleConfig, Sampler, run_sampling, sample_seed
 
 
@@ -24,13 +23,9 @@ def _load(path):
         return {k: data[k] for k in data.files}
 
 
-def test_seeds_and_options():
+def test_sample_seeds():
     assert sample_seed(0, 5) == sample_seed(0, 5)
     assert len({sample_seed(s, i) for s in range(3) for i in range(100)}) == 300  # no overlap across base seeds
-    assert parse_options(["ratio=0.5", "steps=(0.0, 0.4)", "mode=concat", "flag=True"]) == {
-        "ratio": 0.5, "steps": (0.0, 0.4), "mode": "concat", "flag": True}
-    with pytest.raises(ValueError, match="key=value"):
-        parse_options(["oops"])
 
 
 def _first_model_inputs(model, run):

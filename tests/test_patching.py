@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import denoiser_inputs, run_denoiser
+from helpers import denoiser_inputs, run_denoiser
 
 import diffusers_ext as dx
 from diffusers_ext import registry
@@ -36,8 +36,8 @@ class _HalveMethod(registry.Method):
     def select_sites(self, sites, options, family):
         return [s for s in sites if s.role in ("self", "joint")]
 
-    def make_processor(self, site, original, options, state):
-        return _Halve(original, site, state)
+    def make_processor(self, site, original, patch):
+        return _Halve(original, site, patch.state)
 
 
 @pytest.fixture

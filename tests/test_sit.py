@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from diffusers_ext.pipelines.convert import convert_dit_checkpoint
-from diffusers_ext.pipelines.sit import SiTPipeline, SiTScheduler, tiny_sit_pipeline
+from diffusers_ext.pipelines.sit import SiTPipeline, SiTScheduler
+from diffusers_ext.testing import tiny_sit_pipeline
 
 # --- a reference of the original DiT / SiT network, written from the papers' description ------------
 
@@ -219,7 +220,6 @@ def test_tiny_pipeline_patch_tracks_sit_steps():
 def test_step_tracker_places_off_grid_sit_times_by_the_schedulers_convention():
     """In distillation the SiT model sees times off the sampling grid: t itself is the progress."""
     import diffusers_ext as dx
-    from diffusers_ext.pipelines.sit import tiny_sit_pipeline
 
     pipe = tiny_sit_pipeline()
     record = dx.patch(pipe, "mediator", mediators=(4, 16), switch_at=(0.5,))

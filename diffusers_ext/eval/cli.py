@@ -91,15 +91,18 @@ def register(subparsers) -> None:
 def run_sample(args) -> int:
     from pathlib import Path
 
-    from ..compare import parse_options
+    from ..registry import parse_options
     from .sampling import SampleConfig, run_sampling
+
+    if args.option and not args.method:
+        raise ValueError("--option given without --method")
 
     config = SampleConfig(
         model=args.model, num_samples=args.num_samples, seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale,
         classes=args.classes, num_classes=args.num_classes,
         prompts_file=str(Path(args.prompts).resolve()) if args.prompts else None,
         negative_prompt=args.negative_prompt, height=args.height, width=args.width, method=args.method,
-        options=parse_options(args.option), dtype=args.dtype, shard_size=args.shard_size,
+        options=parse_options(args.option, args.method) if args.method else {}, dtype=args.dtype, shard_size=args.shard_size,
     )
     formats = tuple(x.strip() for x in args.format.split(",") if x.strip())
     result = run_sampling(config, args.output_dir, batch_size=args.batch_size, formats=formats, npz_path=args.npz,

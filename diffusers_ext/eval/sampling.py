@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import os
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..pipeline_io import call_parameters, latent_shape, num_classes, pipeline_kind, to_uint8  # noqa: F401
 from .data import atomic_savez, atomic_write_text, write_images_npz
 
 CONFIG_FILE = "config.json"
@@ -115,70 +115,6 @@ def class_labels(indices, seed: int, num_classes: int, mode: str) -> list[int]:
             for i in indices]
 
 
-def _call_parameters(pipe) -> set[str]:
-    return set(inspect.signature(pipe.__call__).parameters)
-
-
-def pipeline_kind(pipe) -> str:
-    """"class" (class_labels), "text" (prompt) or "unconditional"."""
-    params = _call_parameters(pipe)
-    if "class_labels" in params:
-        return "class"
-    if "prompt" in params:
-        return "text"
-    return "unconditional"
-
-
-def infer_num_classes(pipe) -> int | None:
-    model = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-    config = getattr(model, "config", {})
-    for key in ("num_embeds_ada_norm", "num_classes", "num_class_embeds"):
-        value = config.get(key) if hasattr(config, "get") else None
-        if value:
-            return int(value)
-    labels = getattr(pipe, "labels", None)
-    return len(set(labels.values())) if isinstance(labels, dict) and labels else None
-
-
-def latent_shape(pipe, height: int | None, width: int | None) -> tuple[int, ...] | None:
-    """(C, h, w) of one sample's initial latents for pipelines that take `latents=` in that layout
-    (UNet pipelines, SD3); None where we let diffusers draw them from the per-sample generators."""
-    if "latents" not in _call_parameters(pipe):
-        return None
-    scale = getattr(pipe, "vae_scale_factor", None)
-    unet = getattr(pipe, "unet", None)
-    if unet is not None and scale:
-        default = unet.config.sample_size * scale
-    elif "StableDiffusion3" in type(pipe).__name__ and scale:
-        unet = pipe.transformer
-        default = pipe.default_sample_size * scale
-    else:
-        return None
-    h, w = height or default, width or default
-    if not isinstance(default, int) or h % scale or w % scale:
-        return None
-    return (unet.config.in_channels, h // scale, w // scale)
-
-
-def to_uint8(images) -> np.ndarray:
-    """Pipeline output (float [0, 1] (n, H, W, 3 or 1) array or PIL list) -> uint8 (n, H, W, 3).
-
-    round(255 x) as floor(255 x + 0.5), which equals DiT's clamp(127.5 z + 128).to(uint8) for z in [-1, 1].
-    Grey images (one channel, e.g. the digits SiT) are repeated into RGB, as the Inception network needs.
-    """
-    if isinstance(images, list):
-        images = np.stack([np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im) for im in images])
-    images = np.asarray(images)
-    if images.ndim == 4 and images.shape[-1] == 1:
-        images = np.repeat(images, 3, axis=-1)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"the pipeline returned {images.shape}, not images (n, H, W, 3); video pipelines are "
-                         "not supported for FID")
-    if images.dtype == np.uint8:
-        return images
-    return np.clip(np.floor(images.astype(np.float64) * 255.0 + 0.5), 0, 255).astype(np.uint8)
-
-
 class Sampler:
     """A loaded (optionally patched) pipeline and the recipe to draw any sample index from it."""
 
@@ -192,19 +128,17 @@ class Sampler:
             if isinstance(component, torch.nn.Module):
                 component.eval()
         if config.method:
-            import diffusers_ext as dx
+            from ..patching import patch
 
-            if not hasattr(dx, "patch"):
-                raise ValueError("this diffusers_ext has no patch API (diffusers_ext.patch); cannot apply --method")
-            dx.patch(self.pipe, config.method, **config.options)
+            patch(self.pipe, config.method, **config.options)
         elif config.options:
             raise ValueError("--option given without --method")
         self.kind = pipeline_kind(self.pipe)
-        self.params = _call_parameters(self.pipe)
+        self.params = call_parameters(self.pipe)
         self.num_classes = None
         self.prompts = None
         if self.kind == "class":
-            self.num_classes = config.num_classes or infer_num_classes(self.pipe)
+            self.num_classes = config.num_classes or num_classes(self.pipe)
             if self.num_classes is None:
                 raise ValueError(f"cannot tell how many classes {config.model} has; pass --num-classes")
         elif self.kind == "text":
