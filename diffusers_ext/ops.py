@@ -28,6 +28,11 @@ def _xformers_ops():
     return xops
 
 
+def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics and normalisers compute in: fp32 for fp16 / bf16 / fp32, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(scale * q k^T) v; q (B, h, N, d), k / v (B, h, M, d) -> (B, h, N, d).
 
@@ -120,9 +125,11 @@ def key_instance_norm(k: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """Instance norm of keys over the tokens, per channel, no affine: (..., N, d) -> (..., N, d).
 
     Softmax ignores an offset shared by all keys; the TTT regression does not, so T^5 removes it.
-    Statistics in fp32 (biased variance, as `F.instance_norm`)."""
-    var, mean = torch.var_mean(k.float(), dim=-2, keepdim=True, unbiased=False)
-    return ((k.float() - mean) * torch.rsqrt(var + eps)).to(k.dtype)
+    Statistics at least in fp32 (fp16 / bf16 upcast, fp64 stays fp64; biased variance, as
+    `F.instance_norm`); returned in k's dtype."""
+    work = k.to(upcast_dtype(k.dtype))
+    var, mean = torch.var_mean(work, dim=-2, keepdim=True, unbiased=False)
+    return ((work - mean) * torch.rsqrt(var + eps)).to(k.dtype)
 
 
 def silu_derivative(z: torch.Tensor, sig: torch.Tensor | None = None) -> torch.Tensor:
@@ -224,14 +231,18 @@ def interpolated_bias(table: torch.Tensor, rows: torch.Tensor, cols: torch.Tenso
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
-    """x / sqrt(mean(x^2, -1) + eps) (* weight), computed in fp32, returned in x's dtype."""
-    y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float() if weight is not None else y).to(x.dtype)
+    """x / sqrt(mean(x^2, -1) + eps) (* weight), computed at least in fp32 (fp64 stays fp64),
+    returned in x's dtype."""
+    work = upcast_dtype(x.dtype)
+    y = x.to(work) * torch.rsqrt(x.to(work).pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(work) if weight is not None else y).to(x.dtype)
 
 
 def diff_lambda(lq1, lk1, lq2, lk2, lambda_init: float) -> torch.Tensor:
-    """Diff Transformer's re-parameterised lambda: exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init."""
-    return torch.exp((lq1 * lk1).sum(-1).float()) - torch.exp((lq2 * lk2).sum(-1).float()) + lambda_init
+    """Diff Transformer's re-parameterised lambda: exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init,
+    at least in fp32 (fp64 parameters stay fp64)."""
+    work = upcast_dtype(lq1.dtype)
+    return torch.exp((lq1 * lk1).sum(-1).to(work)) - torch.exp((lq2 * lk2).sum(-1).to(work)) + lambda_init
 
 
 def lambda_init_for_depth(depth: int) -> float:
@@ -278,7 +289,7 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     Cost 4 N d^2 + 2 M d^2 flops per head (softmax attention: 4 N M d); no N x M matrix.
     """
     dtype = q.dtype
-    work = torch.promote_types(dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    work = upcast_dtype(dtype)  # fp32 (fp64 stays fp64)
     q, k, v = relu_feature_map(q.to(work)), relu_feature_map(k.to(work)), v.to(work)
     if key_gate is not None:
         k = k * key_gate.to(work)

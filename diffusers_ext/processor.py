@@ -158,5 +158,6 @@ def run_self_attention(attn, hidden_states: torch.Tensor, temb, tokens_fn: Calla
 
 
 def compute_dtype(attn, dtype: torch.dtype) -> torch.dtype:
-    """fp32 where the module asks for upcast attention (SD 2.x), else the activations' dtype."""
-    return torch.float32 if getattr(attn, "upcast_attention", False) else dtype
+    """At least fp32 where the module asks for upcast attention (SD 2.x; fp64 stays fp64), else the
+    activations' dtype."""
+    return torch.promote_types(dtype, torch.float32) if getattr(attn, "upcast_attention", False) else dtype

@@ -39,7 +39,7 @@ import weakref
 import torch
 from torch import nn
 
-from diffusers_ext.ops import GridDepthwiseConv, interpolated_bias, mediator_attention, pool_on_grid
+from diffusers_ext.ops import GridDepthwiseConv, interpolated_bias, mediator_attention, pool_on_grid, upcast_dtype
 from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, merge_heads, project_kv, project_out, \
     project_q, split_heads
 from diffusers_ext.registry import STEPS, Method, Option, boolean, number, one_of, register_method
@@ -92,7 +92,7 @@ class MediatorCounts:
 
     def observe(self, latent: torch.Tensor) -> None:
         """The denoiser's input of the coming call (called by the pre-hook)."""
-        self._pending = latent.detach().float().clone()
+        self._pending = latent.detach().to(upcast_dtype(latent.dtype)).clone()
 
     def attach(self, denoiser: nn.Module) -> None:
         ref = weakref.ref(self)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from diffusers_ext.ops import (GridDepthwiseConv, diff_lambda, differential_attention, lambda_init_for_depth,
-                               pool_on_grid, rms_norm, sdpa)
+                               pool_on_grid, rms_norm, sdpa, upcast_dtype)
 from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, merge_heads, project_kv, project_out, \
     project_q, split_heads
 from diffusers_ext.registry import STEPS, Method, Option, boolean, number, register_method
@@ -80,7 +80,8 @@ class VCAAttnProcessor(SelfAttentionProcessor):
         if not bool((self.norm2_weight == 1).all()):
             return                                   # trained or loaded gains: leave them
         unit = scale * rms_norm(out)
-        ratio = reference.float().pow(2).mean((0, 1, 2)).sqrt() / unit.float().pow(2).mean((0, 1, 2)).sqrt().clamp_min(1e-12)
+        work = upcast_dtype(reference.dtype)
+        ratio = reference.to(work).pow(2).mean((0, 1, 2)).sqrt() / unit.to(work).pow(2).mean((0, 1, 2)).sqrt().clamp_min(1e-12)
         self.norm2_weight.copy_(ratio.to(self.norm2_weight.dtype))
 
     def lambdas(self) -> tuple[torch.Tensor, torch.Tensor]:
