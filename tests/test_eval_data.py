@@ -110,3 +110,21 @@ def test_feature_cache_is_keyed_by_content(tmp_path):
     assert FeatureCache(tmp_path / "cache").dir.is_dir()
     with zipfile.ZipFile(next((tmp_path / "cache").glob("features-*.npz"))) as zf:
         assert set(zf.namelist()) == {"pool.npy", "spatial.npy"}
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    """Result files get 0666 & ~umask like any file the user writes (mkstemp alone gives 0600)."""
+    import os
+    import stat
+
+    from diffusers_ext.files import atomic_savez, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        atomic_savez(tmp_path / "b.npz", x=np.zeros(2))
+    finally:
+        os.umask(old)
+    for name in ("a.json", "b.npz"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.npz"]   # no temporary left behind

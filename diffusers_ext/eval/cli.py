@@ -144,7 +144,7 @@ def run_fid(args) -> int:
         json.dump(report, sys.stdout, indent=2)
         print()
     elif args.json:
-        from .data import atomic_write_text
+        from ..files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     return 0

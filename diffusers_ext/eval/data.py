@@ -1,4 +1,4 @@
-"""Inputs and outputs of the evaluator: image sets, statistics files, atomic writes, the feature cache.
+"""Inputs and outputs of the evaluator: image sets, statistics files, the images npz writer, the feature cache.
 
 An input path is one of
     - an `.npz` of images: `arr_0`, uint8 (N, H, W, 3) (the ADM sample format), read memory-mapped
@@ -14,46 +14,16 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_savez, atomic_write_text, temp_path
+from .metrics import FIDStatistics
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def _temp_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def atomic_savez(path: str | os.PathLike, **arrays) -> None:
-    """`np.savez(path, **arrays)` through a temporary file and `os.replace`: never a half-written file."""
-    path = Path(path)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = _temp_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_images_npz(path: str | os.PathLike, chunks, shape: tuple[int, int, int, int], extra=None) -> None:
@@ -64,7 +34,7 @@ def write_images_npz(path: str | os.PathLike, chunks, shape: tuple[int, int, int
     the chunks are consumed (e.g. the labels gathered along the way).
     """
     path = Path(path)
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     written = 0
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -212,7 +182,6 @@ class EvalInput:
     """One side of a comparison: `stats` (FIDStatistics) when the file carries them, `images` when it has images."""
 
     def __init__(self, path: str | os.PathLike):
-        from .metrics import FIDStatistics
 
         self.path = Path(path)
         if not self.path.exists():

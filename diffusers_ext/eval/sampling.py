@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from ..pipeline_io import call_parameters, latent_shape, num_classes, pipeline_kind, to_uint8  # noqa: F401
-from .data import atomic_savez, atomic_write_text, write_images_npz
+from ..files import atomic_savez, atomic_write_text
+from .data import write_images_npz
 
 CONFIG_FILE = "config.json"
 SHARD_DIR = "shards"
