@@ -92,6 +92,7 @@ def _generate(browser):
     browser.find_element(By.CSS_SELECTOR, "#generate").click()
 
 
+@pytest.mark.browser
 def test_generate_side_by_side(browser, url):
     _open(browser, url)
     # the method list and its options come from the registry
@@ -120,6 +121,7 @@ def test_generate_side_by_side(browser, url):
         assert all(browser.execute_script("return arguments[0].naturalWidth", img) >= 64 for img in images)
 
 
+@pytest.mark.browser
 def test_bad_input_shows_a_message_and_the_queue_goes_on(browser, url):
     _open(browser, url)
     _type(browser, "#steps input", 500)                             # above the server's bound (10)
@@ -141,6 +143,7 @@ def test_bad_input_shows_a_message_and_the_queue_goes_on(browser, url):
     assert browser.find_elements(By.CSS_SELECTOR, "#patched-images img")
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(not app.HAS_VIDEO, reason="the anchor-frame pipeline is not installed")
 def test_anchor_frame_video_tab(browser, url):
     _open(browser, url)
