@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 
@@ -13,6 +13,12 @@ PACKAGE_DIR = {
     "diffusers_ext.processors": "processors",
     "diffusers_ext.pipelines": "pipelines",
 }
+# every package below those three folders (diffusers_ext.eval, .distill, .app, .pipelines.animatediff_anchor, ...)
+PACKAGES = [
+    *PACKAGE_DIR,
+    *(f"diffusers_ext.{name}" for name in find_packages("diffusers_ext")),
+    *(f"diffusers_ext.pipelines.{name}" for name in find_packages("pipelines")),
+]
 
 EXTRAS = {
     "app": ["gradio>=6,<7"],
@@ -37,7 +43,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     package_dir=PACKAGE_DIR,
-    packages=list(PACKAGE_DIR),
+    packages=PACKAGES,
     include_package_data=True,
     # the shipped digits SiT and its classifier (diffusers_ext.digits), the offline default model
     package_data={"diffusers_ext": ["assets/digits/*.json", "assets/digits/*.safetensors",

@@ -11,8 +11,9 @@ import sys
 COMMAND_MODULES = (
     "diffusers_ext.compare",
     "diffusers_ext.eval.cli",
-    "diffusers_ext.distill_cli",
+    "diffusers_ext.distill.cli",
     "diffusers_ext.animate_cli",
+    "diffusers_ext.app.cli",
 )
 
 

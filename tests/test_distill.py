@@ -1,5 +1,7 @@
-"""The distillation trainer (diffusers_ext/distill.py) on tiny models, with T^5 as the method."""
+"""The distillation trainer (diffusers_ext/distill/) on tiny models, with T^5 as the method, and its
+reusable training loop on a toy model."""
 
+import dataclasses
 import json
 
 import pytest
@@ -238,3 +240,91 @@ def test_step_dependent_patches_share_one_timestep_per_batch(tmp_path, method, o
     forced = Distiller(pipe, method, _config(tmp_path, batch_size=4, shared_timestep=True), options=options)
     assert (forced.sample_batch(0)["timestep"] == forced.sample_batch(0)["timestep"][0]).all()
     dx.unpatch(pipe)
+
+
+@dataclasses.dataclass
+class _LoopConfig:
+    """Only the fields `TrainingLoop` reads: another fine-tune's config, not a DistillConfig."""
+
+    output_dir: str
+    max_steps: int = 3
+    weight_decay: float = 0.01
+    warmup_steps: int = 2
+    max_grad_norm: float | None = 0.05
+    gradient_accumulation_steps: int = 2
+    mixed_precision: str = "no"
+    cpu: bool = True
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    progress: bool = False
+
+
+def _toy_data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 4, 3, generator=g), torch.randn(8, 4, 2, generator=g)
+
+
+def _toy_loop(config, seen):
+    """A linear model on fixed data; `seen` collects the batch indices the loop asks for."""
+    from diffusers_ext.distill import TrainingLoop, make_accelerator
+
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.linspace(-1, 1, 6).view(2, 3))
+        model.bias.copy_(torch.tensor([0.5, -0.5]))
+    x, y = _toy_data()
+
+    def loss(index):
+        seen.append(index)
+        return torch.nn.functional.mse_loss(model(x[index % 8]), y[index % 8])
+
+    def save(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), folder / "model.pt")
+
+    loop = TrainingLoop(make_accelerator(config), config, model, [{"params": [model.weight], "lr": 0.1},
+                                                                 {"params": [model.bias], "lr": 0.02}],
+                        save_weights=save, load_weights=lambda folder: model.load_state_dict(torch.load(folder / "model.pt")))
+    return loop, model, loss
+
+
+def test_training_loop_matches_a_plain_torch_loop(tmp_path):
+    """The reusable loop with its own loss and config: accumulation, clipping, warmup and per-group
+    lr as an explicit loop spells them out."""
+    seen = []
+    loop, model, loss = _toy_loop(_LoopConfig(str(tmp_path)), seen)
+    reference = torch.nn.Linear(3, 2)
+    reference.load_state_dict(model.state_dict())
+    losses = loop.run(loss)
+    assert seen == list(range(6)) and len(losses) == 6 and loop.step == 3
+
+    x, y = _toy_data()
+    optimizer = torch.optim.AdamW([{"params": [reference.weight]}, {"params": [reference.bias]}], weight_decay=0.01)
+    for step in range(3):
+        for group, lr in zip(optimizer.param_groups, (0.1, 0.02)):
+            group["lr"] = lr * min(1.0, (step + 1) / 2)               # linear warmup over 2 steps
+        for micro in range(2):
+            i = 2 * step + micro
+            (torch.nn.functional.mse_loss(reference(x[i]), y[i]) / 2).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.testing.assert_close(model.weight.detach(), reference.weight.detach())
+    torch.testing.assert_close(model.bias.detach(), reference.bias.detach())
+
+
+def test_training_loop_resume_continues_exactly(tmp_path):
+    straight, _, loss = _toy_loop(_LoopConfig(str(tmp_path / "a"), max_steps=4), [])
+    straight.run(loss)
+    first, _, loss = _toy_loop(_LoopConfig(str(tmp_path / "b"), max_steps=2, checkpoint_every=1, keep_checkpoints=1), [])
+    first.run(loss)
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["checkpoint-2"]
+    seen = []
+    resumed, model, loss = _toy_loop(_LoopConfig(str(tmp_path / "b"), max_steps=4, resume="latest"), seen)
+    resumed.resume()
+    assert resumed.step == 2
+    resumed.run(loss)
+    assert seen == [4, 5, 6, 7]
+    for mine, theirs in zip(model.parameters(), straight.model.parameters()):
+        assert torch.equal(mine.detach(), theirs.detach())

@@ -24,7 +24,7 @@ def test_parse_reads_each_option_by_its_kind():
 def test_every_command_reads_options_the_same_way():
     """compare, sample and distill all call `registry.parse_options`: none has a parser of its own."""
     import diffusers_ext.compare as compare
-    import diffusers_ext.distill_cli as distill_cli
+    import diffusers_ext.distill.cli as distill_cli
     import diffusers_ext.eval.cli as eval_cli
 
     for module in (compare, distill_cli, eval_cli):

@@ -48,9 +48,10 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from accelerate import PartialState
 
-    from .distill import DistillConfig, Distiller
-    from .loading import load_pipeline
-    from .registry import parse_options
+    from ..loading import load_pipeline
+    from ..registry import parse_options
+    from .config import DistillConfig
+    from .trainer import Distiller
 
     options = parse_options(args.option, args.method)   # bad options fail before the model loads
     state = PartialState(cpu=args.cpu)

@@ -1,0 +1,66 @@
+"""What a distillation run is given (`DistillConfig`) and what it returns (`DistillResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclass
+class DistillConfig:
+    """Everything a distillation run needs besides the model and the method. The optimisation and
+    bookkeeping fields are the ones `TrainingLoop` reads (`loop.LoopConfig`)."""
+
+    output_dir: str = "distilled"
+    # conditions
+    prompts: Sequence[str] | str | None = None      # a list, or a text file with one prompt per line
+    class_labels: Sequence[int] | None = None       # class-conditional models: labels to draw (default: all)
+    uncond_prob: float = 0.1                        # share of empty prompts / null classes
+    # inputs
+    latents: str = "noise"                          # "noise" | "trajectory" | a folder of images
+    trajectory_steps: int = 20                      # sampling steps of the teacher for "trajectory"
+    shared_timestep: bool | None = None             # one timestep per batch; None: when the patch is step-dependent
+    resolution: int | None = None                   # image pixels; default: the model's sample size
+    # optimisation
+    batch_size: int = 4
+    max_steps: int = 1000
+    lr: float = 1e-3
+    inherited_lr: float = 0.0                       # 0 keeps the inherited weights frozen
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"                     # "no" | "fp16" | "bf16"
+    cpu: bool = False                               # force the CPU even with a GPU
+    # bookkeeping
+    checkpoint_every: int = 0                       # optimizer steps between checkpoints (0: none)
+    keep_checkpoints: int = 2
+    resume: str | None = None                       # a checkpoint folder, or "latest" in output_dir
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.max_steps < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("batch_size, max_steps and gradient_accumulation_steps must be >= 1")
+        if self.lr <= 0 or self.inherited_lr < 0:
+            raise ValueError(f"lr must be > 0 and inherited_lr >= 0; got {self.lr}, {self.inherited_lr}")
+        if not 0.0 <= self.uncond_prob <= 1.0:
+            raise ValueError(f"uncond_prob must be in [0, 1], got {self.uncond_prob}")
+        if self.shared_timestep not in (None, True, False):
+            raise ValueError(f"shared_timestep must be None (automatic), True or False, got {self.shared_timestep!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.latents in ("noise", "trajectory"):
+            return
+        if not Path(self.latents).is_dir():
+            raise ValueError(f"latents must be 'noise', 'trajectory' or a folder of images; {self.latents!r} is none")
+
+
+@dataclass
+class DistillResult:
+    output_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    deviation_before: float | None = None
+    deviation_after: float | None = None

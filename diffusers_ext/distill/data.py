@@ -1,0 +1,312 @@
+"""Everything that makes a distillation batch: the denoiser's keyword arguments for one step.
+
+One random generator per (seed, step, rank) draws, in this order:
+- conditions (`Conditions.sample`): text-to-image prompts from a list / file, encoded once with the
+  family's `encode_prompts` (the pipeline's `encode_prompt`: SD, SDXL, SD3), or class labels (DiT / SiT);
+  with probability `uncond_prob` the empty prompt / null class, so the unconditional branch of guidance
+  is distilled too;
+- clean samples: "noise" (x0 ~ N(0, I), the cheapest, off the data manifold), given data or an image
+  folder encoded with the VAE (x0 drawn from them), or "trajectory" (a state of the teacher's own
+  sampling run from noise with the pipeline's scheduler: the inputs the model sees at inference, at
+  the cost of extra teacher steps);
+- noising from the pipeline's scheduler (`Noising`): flow matching (x_t = (1 - sigma) x0 + sigma eps,
+  sigma shifted like the scheduler's `shift`; SD3), SiT's interpolant (x_t = t x0 + (1 - t) eps,
+  t ~ U[0, 1], the model takes t itself; `SiTScheduler`) or DDPM (x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+from ..families import Family, get_family
+from .config import DistillConfig
+
+# =====================================================================================================
+# Conditions
+# =====================================================================================================
+
+class Conditions(Protocol):
+    """Draws the conditioning keyword arguments of the denoiser for a batch (tensors on the CPU)."""
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]: ...
+
+
+def read_prompts(prompts: Sequence[str] | str) -> list[str]:
+    if isinstance(prompts, (str, os.PathLike)):
+        path = Path(prompts)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {path} does not exist")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError("no prompts: give a non-empty list or a file with one prompt per line")
+    return prompts
+
+
+class PromptConditions:
+    """Text-to-image: prompts encoded once with the family's `encode_prompts` (the pipeline's
+    `encode_prompt`), kept on the CPU. Row 0 of the table is the empty prompt (the unconditional
+    branch of guidance); `Family.condition_kwargs` turns drawn rows into the denoiser's arguments."""
+
+    def __init__(self, pipe, family: Family | str, prompts: Sequence[str] | str, uncond_prob: float = 0.1,
+                 resolution: tuple[int, int] | None = None, chunk: int = 16):
+        self.family = get_family(family) if isinstance(family, str) else family
+        if self.family.conditioning != "text":
+            raise ValueError(f"prompts are not supported for the {self.family.name!r} family "
+                             "(class-conditional models take class labels)")
+        self.prompts = read_prompts(prompts)
+        self.uncond_prob = uncond_prob
+        self.resolution = resolution
+        encoded = [self._encode(pipe, ["", *self.prompts][i:i + chunk]) for i in range(0, len(self.prompts) + 1, chunk)]
+        self.table = {key: torch.cat([e[key] for e in encoded]) for key in encoded[0]}
+
+    @torch.no_grad()
+    def _encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
+        device = getattr(pipe, "_execution_device", None) or pipe.device
+        return {key: value.cpu() for key, value in self.family.encode_prompts(pipe, prompts, device).items()}
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
+        index = torch.randint(1, len(self.prompts) + 1, (batch_size,), generator=generator)
+        index[torch.rand(batch_size, generator=generator) < self.uncond_prob] = 0
+        return self.family.condition_kwargs({key: value[index] for key, value in self.table.items()}, self.resolution)
+
+
+class ClassConditions:
+    """Class-conditional models (DiT / SiT): uniform labels, the null class with `uncond_prob`."""
+
+    def __init__(self, num_classes: int, labels: Sequence[int] | None = None, null_label: int | None = None,
+                 uncond_prob: float = 0.1):
+        self.labels = torch.as_tensor(list(labels) if labels is not None else range(num_classes), dtype=torch.long)
+        if self.labels.numel() == 0 or int(self.labels.min()) < 0 or int(self.labels.max()) >= num_classes:
+            raise ValueError(f"class labels must lie in 0..{num_classes - 1}")
+        self.null_label = null_label
+        self.uncond_prob = uncond_prob if null_label is not None else 0.0
+
+    @classmethod
+    def for_model(cls, denoiser, labels=None, uncond_prob: float = 0.1) -> "ClassConditions":
+        from diffusers.models.embeddings import LabelEmbedding
+
+        table = next((m for m in denoiser.modules() if isinstance(m, LabelEmbedding)), None)
+        if table is None:
+            raise ValueError(f"{type(denoiser).__name__} has no class-label embedding")
+        has_null = table.embedding_table.num_embeddings > table.num_classes
+        return cls(table.num_classes, labels, table.num_classes if has_null else None, uncond_prob)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
+        labels = self.labels[torch.randint(0, len(self.labels), (batch_size,), generator=generator)]
+        if self.uncond_prob:
+            labels[torch.rand(batch_size, generator=generator) < self.uncond_prob] = self.null_label
+        return {"class_labels": labels}
+
+
+def default_conditions(pipe, denoiser, family: Family | str, config: DistillConfig,
+                       resolution: tuple[int, int] | None) -> Conditions:
+    family = get_family(family) if isinstance(family, str) else family
+    if family.video:
+        raise ValueError(f"distillation of {family.description} models is not supported yet")
+    if family.conditioning == "class":
+        return ClassConditions.for_model(denoiser, config.class_labels, config.uncond_prob)
+    if config.prompts is None:
+        raise ValueError(f"a text-to-image model ({family.name}) needs prompts: a list or a file, one prompt per line")
+    if pipe is None:
+        raise ValueError("prompts are encoded with the pipeline's text encoders: pass the pipeline, not the bare "
+                         "denoiser (or pass your own `conditions=`)")
+    return PromptConditions(pipe, family, config.prompts, config.uncond_prob, resolution)
+
+
+# =====================================================================================================
+# Noising
+# =====================================================================================================
+
+class Noising:
+    """Noised latents and the timesteps the denoiser takes, as the pipeline's scheduler defines them."""
+
+    def __init__(self, scheduler=None, kind: str | None = None):
+        config = getattr(scheduler, "config", {}) or {}
+        if kind is None:
+            name = type(scheduler).__name__
+            kind = "flow" if "FlowMatch" in name else "interpolant" if name == "SiTScheduler" else "ddpm"
+        if kind not in ("flow", "interpolant", "ddpm"):
+            raise ValueError(f"noising must be 'flow', 'interpolant' or 'ddpm', got {kind!r}")
+        self.kind = kind
+        self.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
+        self.shift = float(config.get("shift", 1.0)) if kind == "flow" else 1.0
+        if kind == "ddpm":
+            abar = getattr(scheduler, "alphas_cumprod", None)
+            if abar is None:
+                from diffusers import DDPMScheduler
+
+                abar = DDPMScheduler(num_train_timesteps=self.num_train_timesteps).alphas_cumprod
+            self.alphas_cumprod = torch.as_tensor(abar, dtype=torch.float64)
+
+    def add_noise(self, x0: torch.Tensor, generator: torch.Generator,
+                  shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0 (B, ...) -> (x_t, timestep (B,)) with fresh noise and random timesteps (one for the
+        whole batch when `shared`)."""
+        batch = x0.shape[0]
+        draws = 1 if shared else batch
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.dtype)
+        view = (batch,) + (1,) * (x0.ndim - 1)
+        if self.kind == "interpolant":  # SiT: x_t = t x0 + (1 - t) eps, t ~ U[0, 1], the model takes t itself
+            t = torch.rand(draws, generator=generator, dtype=torch.float64).expand(batch).contiguous()
+            x_t = t.view(view).to(x0.dtype) * x0 + (1 - t).view(view).to(x0.dtype) * noise
+            return x_t, t.float()
+        if self.kind == "flow":
+            u = torch.rand(draws, generator=generator, dtype=torch.float64).expand(batch).contiguous()
+            sigma = self.shift * u / (1 + (self.shift - 1) * u)
+            x_t = (1 - sigma).view(view).to(x0.dtype) * x0 + sigma.view(view).to(x0.dtype) * noise
+            return x_t, (sigma * self.num_train_timesteps).float()
+        t = torch.randint(0, self.num_train_timesteps, (draws,), generator=generator).expand(batch).contiguous()
+        abar = self.alphas_cumprod[t].view(view)
+        x_t = abar.sqrt().to(x0.dtype) * x0 + (1 - abar).sqrt().to(x0.dtype) * noise
+        return x_t, t
+
+
+# =====================================================================================================
+# Batches
+# =====================================================================================================
+
+class DistillData:
+    """The batches of a distillation run: `sample_batch(step)` -> the denoiser's keyword arguments
+    (input (B, C, H, W), timestep (B,), conditions) on `device`, floating tensors in the model's dtype.
+
+    `family` says the denoiser's input name and the fallback noising; `teacher` (inputs -> output)
+    runs the sampling steps of "trajectory" states. `conditions`, `noising` and `data` (clean
+    samples (N, C, H, W) in the denoiser's input space) override what `config` would choose.
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, pipe, family: Family, config: DistillConfig, *,
+                 device: torch.device, rank: int, shared_timestep: bool,
+                 teacher: Callable[[dict[str, Any]], torch.Tensor], conditions: Conditions | None = None,
+                 noising: str | None = None, latent_size: int | tuple[int, int] | None = None,
+                 data: torch.Tensor | None = None):
+        self.denoiser, self.pipe, self.family, self.config = denoiser, pipe, family, config
+        self.device, self.rank, self.shared_timestep, self.teacher = device, rank, shared_timestep, teacher
+        self.latent_shape = self._latent_shape(latent_size)
+        resolution = tuple(s * self._vae_scale() for s in self.latent_shape[-2:])
+        self.conditions = conditions or default_conditions(pipe, denoiser, family, config, resolution)
+        scheduler = getattr(pipe, "scheduler", None)
+        if scheduler is None and noising is None:
+            noising = family.noising
+        self.noising = Noising(scheduler, noising)
+        if data is not None:
+            if data.ndim != 4 or tuple(data.shape[1:]) != self.latent_shape:
+                raise ValueError(f"data must be (N, {', '.join(map(str, self.latent_shape))}) samples of the "
+                                 f"denoiser's input, got {tuple(data.shape)}")
+            self.clean = data.detach().float().cpu()
+        elif config.latents not in ("noise", "trajectory"):
+            self.clean = self._encode_images(config.latents)
+        else:
+            self.clean = None  # x0 ~ N(0, I), or trajectory states
+        if config.latents == "trajectory" and scheduler is None:
+            raise ValueError("latents='trajectory' samples with the pipeline's scheduler: pass the pipeline")
+
+    # --- shapes -----------------------------------------------------------------------------------------
+
+    def _vae_scale(self) -> int:
+        vae = getattr(self.pipe, "vae", None)
+        if vae is None:  # a pixel-space pipeline (vae=None) works on pixels; a bare denoiser: SD's VAE
+            return 1 if self.pipe is not None and hasattr(self.pipe, "vae") else 8
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def _latent_shape(self, latent_size) -> tuple[int, int, int]:
+        cfg = self.denoiser.config
+        channels = cfg.in_channels
+        if latent_size is None and self.config.resolution is not None:
+            if self.config.resolution % self._vae_scale():
+                raise ValueError(f"resolution {self.config.resolution} is not a multiple of the VAE's "
+                                 f"downsampling {self._vae_scale()}")
+            latent_size = self.config.resolution // self._vae_scale()
+        if latent_size is None:
+            latent_size = cfg.sample_size
+        height, width = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
+        patch_size = getattr(cfg, "patch_size", None) or 1
+        if height % patch_size or width % patch_size:
+            raise ValueError(f"latent size {height}x{width} is not a multiple of the patch size {patch_size}")
+        return channels, height, width
+
+    # --- clean samples ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _encode_images(self, folder: str) -> torch.Tensor:
+        from PIL import Image
+
+        vae = getattr(self.pipe, "vae", None)
+        if vae is None:
+            raise ValueError("training on images needs the pipeline's VAE: pass the pipeline")
+        paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if not paths:
+            raise ValueError(f"no images (.png, .jpg, .jpeg, .webp) in {folder}")
+        height, width = (s * self._vae_scale() for s in self.latent_shape[1:])
+        latents = []
+        for start in range(0, len(paths), 8):
+            batch = []
+            for path in paths[start:start + 8]:
+                image = Image.open(path).convert("RGB")
+                scale = max(width / image.width, height / image.height)
+                image = image.resize((math.ceil(image.width * scale), math.ceil(image.height * scale)), Image.BICUBIC)
+                left, top = (image.width - width) // 2, (image.height - height) // 2
+                image = image.crop((left, top, left + width, top + height))
+                pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
+                batch.append(pixels.permute(2, 0, 1).float() / 127.5 - 1)
+            pixels = torch.stack(batch).to(vae.device, vae.dtype)
+            z = vae.encode(pixels).latent_dist.mode().float()
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            latents.append(((z - shift) * vae.config.scaling_factor).cpu())
+        return torch.cat(latents)
+
+    @torch.no_grad()
+    def _trajectory_state(self, cond, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A state of the teacher's own sampling run: random stop index among `trajectory_steps`."""
+        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        scheduler.set_timesteps(self.config.trajectory_steps)
+        batch = self.config.batch_size
+        stop = int(torch.randint(0, len(scheduler.timesteps), (1,), generator=generator))
+        x = torch.randn((batch, *self.latent_shape), generator=generator).to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)
+        channels = self.latent_shape[0]
+        scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)  # flow matching has none
+        for t in scheduler.timesteps[:stop]:
+            out = self.teacher(self.inputs(scale(x, t), t.expand(batch).to(self.device), cond))
+            x = scheduler.step(out[:, :channels], t, x).prev_sample
+        t = scheduler.timesteps[stop]
+        return scale(x, t).cpu(), t.expand(batch).cpu()
+
+    # --- batches ----------------------------------------------------------------------------------------
+
+    def generator(self, step: int, seed: int | None = None) -> torch.Generator:
+        """The generator of batch `step` on this rank (`seed`: the config's unless given)."""
+        seed = self.config.seed if seed is None else seed
+        return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + self.rank)
+
+    def sample_batch(self, step: int, seed: int | None = None) -> dict[str, Any]:
+        """Denoiser keyword arguments of one (per-process) batch: sample, timestep and conditions."""
+        generator = self.generator(step, seed)
+        batch = self.config.batch_size
+        cond = self.conditions.sample(batch, generator)
+        if self.config.latents == "trajectory" and self.clean is None:
+            sample, timestep = self._trajectory_state(cond, generator)
+        else:
+            if self.clean is not None:
+                x0 = self.clean[torch.randint(0, len(self.clean), (batch,), generator=generator)]
+            else:
+                x0 = torch.randn((batch, *self.latent_shape), generator=generator)
+            sample, timestep = self.noising.add_noise(x0, generator, shared=self.shared_timestep)
+        return self.inputs(sample, timestep, cond)
+
+    def inputs(self, sample, timestep, cond) -> dict[str, Any]:
+        """Denoiser keyword arguments on the device, floating tensors in the model's dtype."""
+        dtype = next(self.denoiser.parameters()).dtype
+        return _to_device({self.family.input_key: sample, "timestep": timestep, **cond}, self.device, dtype)
+
+
+def _to_device(value, device, dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device, dtype) for k, v in value.items()}
+    return value

@@ -1,0 +1,164 @@
+"""The optimisation any fine-tune shares, whatever its loss and data: `TrainingLoop`.
+
+accelerate throughout: CPU, one GPU, `accelerate launch` multi-GPU / multi-node (DDP), mixed precision
+(autocast), gradient accumulation. AdamW over the given parameter groups (each with its own lr), a
+linear warmup, gradient clipping, a progress bar. Checkpoints (`<output_dir>/checkpoint-<step>`) hold
+what the caller's `save_weights` writes plus the optimizer and lr-schedule state; `resume="latest"`
+continues from the newest. The loss draws its own batch from the index it is given, so a resumed
+run sees the same batches as an uninterrupted one.
+
+    accelerator = make_accelerator(config)
+    loop = TrainingLoop(accelerator, config, model, [{"params": params, "lr": 1e-4}],
+                        save_weights=write_folder, load_weights=read_folder)
+    loop.resume()
+    losses = loop.run(lambda index: loss_of_batch(index))
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+TRAINER_STATE = "trainer_state.pt"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class LoopConfig(Protocol):
+    """The fields the loop reads (a dataclass: it is saved with each checkpoint); `DistillConfig` has them."""
+
+    output_dir: str
+    max_steps: int                      # optimizer steps
+    weight_decay: float
+    warmup_steps: int                   # linear warmup of every group's lr (0: none)
+    max_grad_norm: float | None         # clip the trained parameters' gradient norm (None / 0: no clipping)
+    gradient_accumulation_steps: int
+    mixed_precision: str                # "no" | "fp16" | "bf16"
+    cpu: bool
+    checkpoint_every: int               # optimizer steps between checkpoints (0: none)
+    keep_checkpoints: int               # the newest this many are kept (0: all)
+    resume: str | None                  # a checkpoint folder, or "latest" in output_dir
+    progress: bool
+
+
+def make_accelerator(config: LoopConfig, find_unused_parameters: bool = False):
+    """The run's `accelerate.Accelerator` (DDP may need `find_unused_parameters` when some trained
+    parameters sit idle in a step)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(
+        mixed_precision=config.mixed_precision, cpu=config.cpu,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+    )
+
+
+class TrainingLoop:
+    """Trains `param_groups` (AdamW groups: `{"params": [...], "lr": ...}`) of `model` to minimise
+    `loss(batch_index)`. `model` moves to the accelerator's device and is wrapped for DDP when there
+    are several processes (`self.model`; one process: the model itself, no rewritten `forward`).
+    `save_weights(folder)` writes the trained tensors (called on the main process only);
+    `load_weights(folder)` reads them back on resume."""
+
+    def __init__(self, accelerator, config: LoopConfig, model: torch.nn.Module, param_groups: list[dict[str, Any]], *,
+                 save_weights: Callable[[Path], Any], load_weights: Callable[[Path], Any]):
+        self.accelerator, self.config = accelerator, config
+        self.save_weights, self.load_weights = save_weights, load_weights
+        self.parameters = [p for group in param_groups for p in group["params"]]
+        optimizer = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
+        warmup = max(config.warmup_steps, 0)
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        model.to(accelerator.device)
+        self.model = accelerator.prepare_model(model) if accelerator.num_processes > 1 else model
+        self.optimizer, self.lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+        self.step = 0  # optimizer steps done
+
+    def run(self, loss: Callable[[int], torch.Tensor], desc: str = "train") -> list[float]:
+        """Optimizer steps until `config.max_steps`; `loss(i)` is the loss of micro-batch
+        i = step * gradient_accumulation_steps + micro. Returns every micro-batch's loss."""
+        config, accelerator = self.config, self.accelerator
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.max_steps, initial=self.step, desc=desc,
+                   disable=not (config.progress and accelerator.is_local_main_process))
+        losses: list[float] = []
+        micro = 0
+        while self.step < config.max_steps:
+            with accelerator.accumulate(self.model):
+                value = loss(self.step * config.gradient_accumulation_steps + micro)
+                accelerator.backward(value)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(self.parameters, config.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            losses.append(float(value.detach()))
+            if accelerator.sync_gradients:
+                micro = 0
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4g}")
+                if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                    self.save_checkpoint()
+        bar.close()
+        return losses
+
+    def save_checkpoint(self) -> Path:
+        """`<output_dir>/checkpoint-<step>`: the weights plus the optimizer and lr-schedule state;
+        older checkpoints beyond `keep_checkpoints` are removed."""
+        folder = Path(self.config.output_dir) / f"{CHECKPOINT_PREFIX}{self.step}"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.save_weights(folder)
+            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                        "lr_scheduler": self.lr_scheduler.state_dict(), "config": asdict(self.config)},
+                       folder / TRAINER_STATE)
+            old = sorted(checkpoints(self.config.output_dir))[:-self.config.keep_checkpoints or None]
+            for _, path in old if self.config.keep_checkpoints else []:
+                _remove_tree(path)
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def resume(self) -> None:
+        """Continue from `config.resume` (a checkpoint folder, or "latest": the newest in
+        `output_dir`, none yet: start from the beginning); nothing when it is None."""
+        where = self.config.resume
+        if not where:
+            return
+        if where == "latest":
+            found = sorted(checkpoints(self.config.output_dir))
+            if not found:
+                return
+            folder = found[-1][1]
+        else:
+            folder = Path(where)
+        self.load_weights(folder)
+        state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.step = int(state["step"])
+
+
+def checkpoints(output_dir) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint in `output_dir`, unordered."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+        if match and (path / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), path))
+    return found
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
