@@ -89,7 +89,7 @@ def patch(pipe_or_model, method: str, *, weights: str | None = None, **options) 
         config = read_config(weights)
         if config["method"] != method:
             raise PatchError(f"weights in {weights} are for method {config['method']!r}, not {method!r}")
-        options = {**saved_options(config), **options}
+        options = {**get_method(method).saved_defaults, **saved_options(config), **options}
     spec = get_method(method)
     denoiser, pipeline = find_denoiser(pipe_or_model)
     family = family_of(denoiser)

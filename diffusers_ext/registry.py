@@ -280,6 +280,9 @@ class Method:
     training_free: bool = True
     description: str = ""
     options: tuple[Option, ...] = ()
+    # values for options a weights folder does not record because it was saved before they existed
+    # (their defaults then changed), e.g. {"layout": "gated"}: old folders keep meaning what they meant
+    saved_defaults: dict[str, Any] = {}
 
     # --- options (resolved here, and only here) -------------------------------------------------------
 
