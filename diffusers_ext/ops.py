@@ -145,7 +145,13 @@ def ttt_inner_step(k: torch.Tensor, v: torch.Tensor, w1: torch.Tensor, w2: torch
 
         z = k W1, a = SiLU(z), e = (a W2 - v) * scale / N
         G2 = a^T e,  G1 = k^T ((e W2^T) * SiLU'(z)),  W1' = W1 - G1,  W2' = W2 - G2
+
+    Computed and returned at least in fp32: fp16 / bf16 inputs are upcast, because the update is small
+    against W (|G| / |W| ~ 3e-3 at N = 16K with the 0.02 init, below bf16's resolution of W) and e's
+    scale / N is below fp16's normal range; fp32 and fp64 inputs compute in their own dtype.
     """
+    work = upcast_dtype(k.dtype)
+    k, v, w1, w2 = (x.to(work) for x in (k, v, w1, w2))
     num_tokens = k.shape[-2]
     z = k @ w1
     sig = torch.sigmoid(z)
@@ -157,8 +163,11 @@ def ttt_inner_step(k: torch.Tensor, v: torch.Tensor, w1: torch.Tensor, w2: torch
 
 
 def ttt_read(q: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """The updated inner model applied to the queries: SiLU(q W1') W2'; q (B, h, N, d) -> (B, h, N, d)."""
-    return F.silu(q @ w1) @ w2
+    """The updated inner model applied to the queries: SiLU(q W1') W2'; q (B, h, N, d) -> (B, h, N, d)
+    in q's dtype, computed in the wider of q's and W's dtypes (fp16 / bf16 queries read the fp32
+    W' of `ttt_inner_step` in fp32, so the update is not rounded away)."""
+    work = torch.promote_types(q.dtype, w1.dtype)
+    return (F.silu(q.to(work) @ w1.to(work)) @ w2.to(work)).to(q.dtype)
 
 
 def ttt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
@@ -280,12 +289,13 @@ def relu_feature_map(x: torch.Tensor) -> torch.Tensor:
 
 def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_gate: torch.Tensor | None = None,
                            value_gate: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """Division-normalised ReLU linear attention with a KV gate, computed in fp32.
+    """Division-normalised ReLU linear attention with a KV gate, computed at `upcast_dtype(q.dtype)`.
 
     q (B, h, N, d) and k (B, h, M, d) are raw projections (phi is applied here); v (B, h, M, d);
     key_gate / value_gate broadcastable to (B, h, M, 1) or None (= 1). Returns (B, h, N, d) in q's
-    dtype (computed in fp32, or fp64 for fp64 inputs). The memory and normaliser are means over the M keys (LINA's form; keeps fp32 sums of
-    64K tokens well scaled), so `eps` acts on the mean: O = phi(q) S / (phi(q) . z + eps).
+    dtype (computed in fp32 for fp16 / bf16 / fp32, in fp64 for fp64). The memory and normaliser are
+    means over the M keys (LINA's form; keeps fp32 sums of 64K tokens well scaled), so `eps` acts on
+    the mean: O = phi(q) S / (phi(q) . z + eps). Without gates this is LINA's encoder attention.
     Cost 4 N d^2 + 2 M d^2 flops per head (softmax attention: 4 N M d); no N x M matrix.
     """
     dtype = q.dtype
@@ -299,3 +309,159 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     memory = (k.transpose(-1, -2) * inv_m) @ v                  # S (B, h, d, d)
     normaliser = k.mean(dim=-2, keepdim=True).transpose(-1, -2)  # z (B, h, d, 1)
     return ((q @ memory) / (q @ normaliser + eps)).to(dtype)
+
+
+# =====================================================================================================
+# Neighbourhood attention (NAT, Hassani et al.; NATTEN's 2-D `na2d` without dilation), in plain torch.
+# Shapes per head: q, k, v (B, h, N, d) with N = H*W tokens row-major on their grid.
+#
+#   s(i) = clamp(i - K//2, 0, L - K)        window start along an axis of length L (NATTEN's borders:
+#                                           shifted inwards, never padded, so every query sees K x K keys)
+#   O_ij = sum_{(y, x) in window(i, j)} softmax_(y, x)(scale q_ij . k_yx + rpb[y - i + K-1, x - j + K-1]) v_yx
+#
+# An axis shorter than K (NATTEN refuses those) has the whole axis as its window.
+# =====================================================================================================
+
+NEIGHBORHOOD_TILE = 4           # queries per tile side (4 x 4 tiles: the least wasted logits on CPU)
+NEIGHBORHOOD_CPU_CHUNK = 1 << 20  # logits per step on the CPU (cache-sized); elsewhere all at once
+
+
+def _neighborhood_axis(length: int, kernel_size: int, tile: int, device):
+    """The tiling of one grid axis of `length` positions for windows of `kernel_size`.
+
+    -> queries (n, t): the query index of each tile slot (tiles of t = min(tile, L) queries; slots past
+    the axis repeat its last query); keys (n, R): the R = min(t + K' - 1, L) key indices a tile's
+    windows cover (K' = min(K, L)); inside (n, t, R): key in the query's window; offsets (n, t, R):
+    key - query."""
+    kernel = min(kernel_size, length)
+    tile = min(tile, length)
+    num_tiles = -(-length // tile)
+    region = min(tile + kernel - 1, length)
+    queries = torch.arange(num_tiles * tile, device=device).clamp(max=length - 1).view(num_tiles, tile)
+    starts = (queries - kernel_size // 2).clamp(0, length - kernel)                   # window starts (n, t)
+    keys = starts[:, :1].clamp(max=length - region) + torch.arange(region, device=device)
+    inside = (keys[:, None, :] >= starts[..., None]) & (keys[:, None, :] < starts[..., None] + kernel)
+    return queries, keys, inside, keys[:, None, :] - queries[..., None]
+
+
+def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],
+                           kernel_size: int, scale: float, rpb: torch.Tensor | None = None) -> torch.Tensor:
+    """2-D neighbourhood softmax attention with NATTEN's border semantics (see the section comment).
+
+    q, k, v (B, h, N, d) on the (H, W) grid; `kernel_size` odd; `rpb` None or a relative position bias
+    (h, 2K-1, 2K-1), added to the logit of key (y, x) for query (i, j) at [y - i + K-1, x - j + K-1].
+    -> (B, h, N, d) in q's dtype. Memory and time linear in N, no N x N matrix: the grid is cut into
+    4 x 4 query tiles; each tile gathers the (4 + K - 1)^2 keys / values its windows cover (4x the
+    keys for K = 5), and its logits are masked to each query's own K x K window. Logits and softmax
+    at least in fp32 (fp16 / bf16 q, k upcast per tile; fp64 stays fp64), probabilities @ v in v's dtype."""
+    if kernel_size < 1 or kernel_size % 2 != 1:
+        raise ValueError(f"neighborhood_attention: kernel_size must be an odd number >= 1, got {kernel_size}")
+    height, width = grid
+    batch, heads, tokens, dim = q.shape
+    if tokens != height * width:
+        raise ValueError(f"neighborhood_attention: {tokens} tokens are not a {height} x {width} grid")
+    if rpb is not None and tuple(rpb.shape) != (heads, 2 * kernel_size - 1, 2 * kernel_size - 1):
+        raise ValueError(f"neighborhood_attention: rpb must be ({heads}, {2 * kernel_size - 1}, "
+                         f"{2 * kernel_size - 1}), got {tuple(rpb.shape)}")
+    qy, ky, in_y, dy = _neighborhood_axis(height, kernel_size, NEIGHBORHOOD_TILE, q.device)
+    qx, kx, in_x, dx = _neighborhood_axis(width, kernel_size, NEIGHBORHOOD_TILE, q.device)
+    (ny, ty), (nx, tx), ry, rx = qy.shape, qx.shape, ky.shape[1], kx.shape[1]
+    num_tiles, per_tile, region = ny * nx, ty * tx, ry * rx
+
+    # token indices in the tile layout (tile (Y, X), then row-major inside it)
+    query_index = (qy[:, None, :, None] * width + qx[None, :, None, :]).reshape(-1)  # (ny, nx, ty, tx)
+    key_index = (ky[:, None, :, None] * width + kx[None, :, None, :]).reshape(-1)    # (ny, nx, ry, rx)
+    i = torch.arange(height, device=q.device)[:, None]
+    j = torch.arange(width, device=q.device)[None, :]
+    slot = (((i // ty) * nx + j // tx) * per_tile + (i % ty) * tx + j % tx).reshape(-1)  # token -> its slot
+
+    work = upcast_dtype(q.dtype)
+    inside = (in_y[:, None, :, None, :, None] & in_x[None, :, None, :, None, :]).reshape(num_tiles, per_tile, region)
+    bias = torch.zeros(inside.shape, dtype=work, device=q.device).masked_fill_(~inside, float("-inf"))
+    if rpb is not None:
+        last = kernel_size - 1
+        rel = rpb.to(work)[:, (dy + last).clamp(0, 2 * last)[:, None, :, None, :, None],
+                           (dx + last).clamp(0, 2 * last)[None, :, None, :, None, :]]  # (h, ny, nx, ty, tx, ry, rx)
+        bias = rel.reshape(heads, num_tiles, per_tile, region) + bias
+
+    rows = batch * heads
+    qf, kf, vf = (x.reshape(rows, tokens, dim) for x in (q, k, v))
+    step = max(1, NEIGHBORHOOD_CPU_CHUNK // (num_tiles * per_tile * region)) if q.device.type == "cpu" else rows
+    outs = []
+    for start in range(0, rows, step):
+        part = slice(start, start + step)
+        qt = qf[part].index_select(1, query_index).view(-1, num_tiles, per_tile, dim)
+        kt = kf[part].index_select(1, key_index).view(-1, num_tiles, region, dim)
+        vt = vf[part].index_select(1, key_index).view(-1, num_tiles, region, dim)
+        logits = torch.matmul(qt.to(work) * scale, kt.to(work).transpose(-1, -2))
+        chunk_bias = bias if rpb is None else bias[torch.arange(start, start + qt.shape[0], device=q.device) % heads]
+        weights = (logits + chunk_bias).softmax(-1).to(v.dtype)
+        outs.append(torch.matmul(weights, vt).reshape(-1, num_tiles * per_tile, dim))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.index_select(1, slot).view(batch, heads, tokens, dim).to(q.dtype)
+
+
+# =====================================================================================================
+# FAAC anchor-frame attention (Li et al., 2023). q, k, v: (videos * frames, h, N, d), frames fastest;
+# per frame f, anchor a, weight w, scale s:
+#
+#   anchor frame:   O_a = softmax(s Q_a K_a^T) V_a                       (the image model's attention)
+#   mode "concat":  O_f = softmax(s Q_f [K_f ; K_a]^T + [0 ; log w]) [V_f ; V_a]
+#   mode "replace": O_f = (1 - w) softmax(s Q_f K_f^T) V_f + w softmax(s Q_f K_a^T) V_a
+# =====================================================================================================
+
+ANCHOR_FRAME_MODES = ("concat", "replace")
+
+
+def resolve_anchor(anchor: int, num_frames: int) -> int:
+    """The anchor's frame index in [0, num_frames) (negative counts from the end)."""
+    if not -num_frames <= anchor < num_frames:
+        raise ValueError(f"anchor frame {anchor} is outside a video of {num_frames} frames")
+    return anchor % num_frames
+
+
+def anchor_frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int, anchor: int,
+                           scale: float, mode: str = "concat", weight: float = 1.0) -> torch.Tensor:
+    """Anchor-frame attention of whole videos.
+
+    q, k, v: (videos * frames, h, N, d), frames fastest; `anchor` a resolved index in [0, num_frames).
+    Returns (videos * frames, h, N, d): the anchor frame's plain self-attention, and for every other
+    frame attention over its own and the anchor's keys and values (`mode`, `weight`, as above).
+    """
+    import math
+
+    if mode not in ANCHOR_FRAME_MODES:
+        raise ValueError(f"mode must be one of {ANCHOR_FRAME_MODES}, got {mode!r}")
+    batch_frames, heads, tokens, dim = q.shape
+    videos = batch_frames // num_frames
+    q, k, v = (t.view(videos, num_frames, heads, tokens, dim) for t in (q, k, v))
+    k_a, v_a = k[:, anchor], v[:, anchor]                                            # (B, h, N, d)
+    out = torch.empty_like(q)
+    out[:, anchor] = sdpa(q[:, anchor], k_a, v_a, scale)
+    others = [f for f in range(num_frames) if f != anchor]
+    if not others:
+        return out.view(batch_frames, heads, tokens, dim)
+    q_o, k_o, v_o = q[:, others], k[:, others], v[:, others]                           # (B, F-1, h, N, d)
+    n_o = len(others)
+
+    if mode == "concat":
+        k_cat = torch.cat([k_o, k_a[:, None].expand_as(k_o)], dim=-2).flatten(0, 1)    # (B(F-1), h, 2N, d)
+        v_cat = torch.cat([v_o, v_a[:, None].expand_as(v_o)], dim=-2).flatten(0, 1)
+        if weight == 1.0:
+            o = sdpa(q_o.flatten(0, 1), k_cat, v_cat, scale)
+        else:
+            bias = torch.zeros(2 * tokens, dtype=q.dtype, device=q.device)
+            bias[tokens:] = math.log(weight) if weight > 0 else float("-inf")
+            o = F.scaled_dot_product_attention(q_o.flatten(0, 1), k_cat, v_cat, attn_mask=bias[None], scale=scale)
+        out[:, others] = o.view(videos, n_o, heads, tokens, dim)
+    else:
+        # Every other frame's queries read the same anchor keys: one attention per video, (F-1) N queries.
+        q_seq = q_o.permute(0, 2, 1, 3, 4).reshape(videos, heads, n_o * tokens, dim)
+        from_anchor = sdpa(q_seq, k_a, v_a, scale).view(videos, heads, n_o, tokens, dim).permute(0, 2, 1, 3, 4)
+        if weight == 1.0:
+            out[:, others] = from_anchor
+        else:
+            own = sdpa(q_o.flatten(0, 1), k_o.flatten(0, 1), v_o.flatten(0, 1), scale)
+            own = own.view(videos, n_o, heads, tokens, dim)
+            out[:, others] = own if weight == 0.0 else (1.0 - weight) * own + weight * from_anchor
+    return out.view(batch_frames, heads, tokens, dim)

@@ -6,7 +6,8 @@ A weights folder holds
                                       (new parameters live at `<site>.processor.<name>`)
 
 `dx.patch(pipe, method, weights=folder)` patches with the saved options (the caller's override
-them) and loads the tensors; every saved tensor must find its parameter with the same shape.
+them) and loads the tensors; every saved tensor must find its parameter with the same shape, and
+every parameter of the patch's processors must be in the folder (nothing is left untrained).
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def load_weights(folder: str | Path, denoiser: torch.nn.Module, config: dict[str
     if missing:
         raise ValueError(f"weights in {folder} do not fit this model: {len(missing)} tensors have no place, "
                          f"e.g. {missing[:3]}")
+    untrained = sorted(k for k in own if PROCESSOR_MARK in k and k not in tensors)
+    if untrained:
+        sites = sorted({k.split(PROCESSOR_MARK)[0] for k in untrained})
+        raise ValueError(f"weights in {folder} do not cover this patch: {len(untrained)} tensors of "
+                         f"{len(sites)} patched site(s) are not in it (e.g. {', '.join(sites[:3])}); the folder "
+                         f"was made for other sites ({', '.join(config.get('sites', [])[:3])}, ...) or options")
     mismatched = [k for k, v in tensors.items() if tuple(own[k].shape) != tuple(v.shape)]
     if mismatched:
         k = mismatched[0]

@@ -1,5 +1,6 @@
 """FAAC anchor frame: the attention against a dense implementation, the anchor frame against the image
-model, weight zero against stock AnimateDiff, frame consistency, DDIM inversion, ControlNets, export."""
+model, weight zero against stock AnimateDiff, the method's lifecycle (hooks in, hooks out, options),
+frame consistency, DDIM inversion, ControlNets, export."""
 
 import numpy as np
 import pytest
@@ -7,8 +8,10 @@ import torch
 from PIL import Image
 
 import diffusers_ext as dx
+from diffusers_ext.errors import OptionError, PatchError
+from diffusers_ext.ops import anchor_frame_attention
 from diffusers_ext.pipelines import animatediff_anchor as faac
-from diffusers_ext.processors.anchor_frame import anchor_frame_attention
+from diffusers_ext.registry import get_method, parse_options
 from diffusers_ext.testing import tiny_pipeline
 
 FRAMES = 4
@@ -35,7 +38,7 @@ def _unet(pipe, sample, t=500):
 # --- the attention itself ------------------------------------------------------------------------------
 
 def _dense(q, k, v, frames, anchor, scale, mode, weight):
-    """The equations of processors/anchor_frame.py, frame by frame with explicit softmax."""
+    """The equations of ops.anchor_frame_attention, frame by frame with explicit softmax."""
     videos = q.shape[0] // frames
     q, k, v = (t.reshape(videos, frames, *t.shape[1:]) for t in (q, k, v))
     out = torch.zeros_like(q)
@@ -91,10 +94,10 @@ def test_patch_replaces_spatial_self_attention_only(pipe):
 def test_weight_zero_attention_equals_stock(pipe, mode):
     sample = _latents()
     stock = _unet(pipe, sample)
-    with dx.patched(pipe, "anchor_frame", mode=mode, anchor_weight=0.0, anchor=1):
+    with dx.patched(pipe, "anchor_frame", mode=mode, anchor_weight=0.0, anchor=1, image_model_anchor=False):
         patched = _unet(pipe, sample)
     torch.testing.assert_close(patched, stock, rtol=1e-5, atol=1e-6)
-    with dx.patched(pipe, "anchor_frame", mode=mode, anchor_weight=1.0):
+    with dx.patched(pipe, "anchor_frame", mode=mode, anchor_weight=1.0, image_model_anchor=False):
         assert not torch.allclose(_unet(pipe, sample), stock, atol=1e-4)
 
 
@@ -115,18 +118,99 @@ def test_anchor_frame_equals_image_model_alone(pipe, anchor):
     assert not torch.allclose(stock[:, :, anchor], alone, atol=1e-3)
 
 
-def test_disable_restores_stock_and_unpatch_makes_hooks_inert(pipe):
+def _hook_count(model):
+    return sum(len(m._forward_hooks) for m in faac.motion_modules(model))
+
+
+def test_plain_patch_is_the_whole_method(pipe):
+    """`dx.patch(pipe, "anchor_frame")` = the attention patch + the ghost motion modules, which is what
+    `enable_anchor_frame` / `animate` computed before the method owned its hooks: built here by hand
+    from the attention alone and a MotionBypass, and compared bit for bit."""
+    sample = _latents()
+    with dx.patched(pipe, "anchor_frame", anchor=1, image_model_anchor=False):
+        bypass = faac.MotionBypass(pipe.unet, 1)
+        by_hand = _unet(pipe, sample)
+        bypass.remove()
+    with dx.patched(pipe, "anchor_frame", anchor=1):
+        assert torch.equal(_unet(pipe, sample), by_hand)
+    with faac.anchor_frame(pipe, anchor=1):
+        assert torch.equal(_unet(pipe, sample), by_hand)
+    with dx.patched(pipe, "anchor_frame", image_model_anchor=False):
+        attention_only = _unet(pipe, sample)
+    with dx.patched(pipe, "anchor_frame"):
+        assert not torch.allclose(_unet(pipe, sample), attention_only, atol=1e-4)
+
+
+def test_animate_equals_a_pipeline_call_under_the_plain_patch(pipe):
+    kwargs = dict(num_frames=FRAMES, num_inference_steps=2, guidance_scale=2.0, output_type="latent")
+    ours = faac.animate(pipe, "a face", latents=_latents(), mode="replace", anchor=-1, **kwargs).frames
+    with dx.patched(pipe, "anchor_frame", mode="replace", anchor=-1):
+        plain = pipe("a face", latents=_latents(), **kwargs).frames
+    assert torch.equal(ours, plain)
+
+
+def test_unpatch_removes_every_hook_and_restores_stock(pipe):
     sample = _latents()
     stock = _unet(pipe, sample)
-    faac.enable_anchor_frame(pipe)
+    hooks = _hook_count(pipe.unet)
+    record = faac.enable_anchor_frame(pipe)
+    assert record is dx.patch_record(pipe) and record.method == "anchor_frame"
+    assert _hook_count(pipe.unet) == hooks + len(faac.motion_modules(pipe.unet))
     assert not torch.allclose(_unet(pipe, sample), stock)
     faac.disable_anchor_frame(pipe)
+    assert _hook_count(pipe.unet) == hooks and dx.patch_record(pipe) is None
     assert torch.equal(_unet(pipe, sample), stock)
-    faac.enable_anchor_frame(pipe)
-    dx.unpatch(pipe)  # the motion hooks belong to that patch: without it they do nothing
+    dx.patch(pipe, "anchor_frame", anchor=2)
+    dx.patch(pipe, "anchor_frame", mode="replace")  # a second patch replaces the first, hooks included
+    assert _hook_count(pipe.unet) == hooks + len(faac.motion_modules(pipe.unet))
+    dx.unpatch(pipe)
+    assert _hook_count(pipe.unet) == hooks
     assert torch.equal(_unet(pipe, sample), stock)
-    faac.disable_anchor_frame(pipe)
-    assert not any(m._forward_hooks for m in faac.motion_modules(pipe.unet))
+    dx.patch(pipe, "anchor_frame", image_model_anchor=False)
+    assert _hook_count(pipe.unet) == hooks
+    dx.unpatch(pipe)
+
+
+def test_bare_unet_patch_installs_the_motion_bypass(pipe):
+    unet, sample = pipe.unet, _latents()
+    alone = faac.image_model_unet(unet)
+    with torch.no_grad():
+        want = alone(sample[:, :, 0], 500, encoder_hidden_states=_embeds(pipe, 1)).sample
+    hooks = _hook_count(unet)
+    record = dx.patch(unet, "anchor_frame")
+    try:
+        assert record.pipeline is None and _hook_count(unet) == hooks + len(faac.motion_modules(unet))
+        torch.testing.assert_close(_unet(pipe, sample)[:, :, 0], want, rtol=1e-5, atol=1e-5)
+    finally:
+        dx.unpatch(unet)
+    assert _hook_count(unet) == hooks
+
+
+def test_disable_anchor_frame_only_removes_its_own_patch(pipe):
+    with pytest.raises(PatchError, match="no anchor frame enabled"):
+        faac.disable_anchor_frame(pipe)
+    faac.disable_anchor_frame(pipe, missing_ok=True)
+    with dx.patched(pipe, "todo"):
+        with pytest.raises(PatchError, match="'todo' patch"):
+            faac.disable_anchor_frame(pipe)
+        faac.disable_anchor_frame(pipe, missing_ok=True)
+        assert dx.patch_record(pipe).method == "todo"
+
+
+def test_lifecycle_options_are_typed_and_validated(pipe):
+    options = {o.name: o for o in get_method("anchor_frame").options}
+    assert (options["image_model_anchor"].default, options["image_model_anchor"].kind) == (True, "bool")
+    assert (options["control_anchor"].default, options["control_anchor"].kind) == (False, "bool")
+    assert options["num_frames"].default is None
+    assert parse_options(["image_model_anchor=false", "control_anchor=yes", "num_frames=8"], "anchor_frame") == \
+        {"image_model_anchor": False, "control_anchor": True, "num_frames": 8}
+    for bad in (dict(image_model_anchor="yes"), dict(control_anchor=1), dict(num_frames=0), dict(num_frames=2.5),
+                dict(num_frames=True)):
+        with pytest.raises(OptionError, match=next(iter(bad))):
+            dx.patch(pipe, "anchor_frame", **bad)
+    with pytest.raises(OptionError, match="outside a video of 4"):  # checked at patch time when frames are known
+        dx.patch(pipe, "anchor_frame", anchor=4, num_frames=4)
+    assert dx.patch_record(pipe) is None and _hook_count(pipe.unet) == 0
 
 
 def test_bad_input_is_refused(pipe):
@@ -142,6 +226,8 @@ def test_bad_input_is_refused(pipe):
         _unet(pipe, _latents())
     with pytest.raises(ValueError, match="outside a video of 4"):
         faac.animate(pipe, "a", num_frames=4, anchor=-5)
+    with pytest.raises(OptionError, match="no option"):
+        faac.enable_anchor_frame(pipe, ghost=True)
     assert dx.patch_record(pipe) is None
 
 
@@ -260,6 +346,7 @@ def test_controlnet_runs_and_keeps_the_anchor(kind):
         conditions = conditions[:2]
 
     def run(conds, **options):
+        torch.manual_seed(0)  # SparseCtrl's pipeline samples its conditions' VAE latents from the global RNG
         return faac.animate(pipe, "a face", num_frames=FRAMES, num_inference_steps=2, guidance_scale=1.0,
                             latents=_latents(), output_type="latent", conditioning_frames=conds,
                             **extra, **options).frames
@@ -272,6 +359,26 @@ def test_controlnet_runs_and_keeps_the_anchor(kind):
     assert not torch.allclose(controlled[:, :, 1:], image_only[:, :, 1:], atol=1e-4)
     controlled_anchor = run(conditions, control_anchor=True)
     assert not torch.allclose(controlled_anchor[:, :, 0], image_only[:, :, 0], atol=1e-4)
+
+    # the method's hooks on the ControlNet: there while patched, gone after; `animate` is a pipeline call
+    # under the plain patch (a 2-D ControlNet needs the option num_frames outside `animate`)
+    def call():
+        torch.manual_seed(0)
+        return pipe("a face", num_frames=FRAMES, num_inference_steps=2, guidance_scale=1.0, latents=_latents(),
+                    output_type="latent", conditioning_frames=conditions, **extra).frames
+
+    with dx.patched(pipe, "anchor_frame", num_frames=FRAMES):
+        assert len(pipe.controlnet._forward_hooks) == 1 and _hook_count(pipe.controlnet) == 0
+        assert torch.equal(call(), controlled)
+    assert not pipe.controlnet._forward_hooks and _hook_count(pipe.unet) == 0
+    if kind == "controlnet":
+        with dx.patched(pipe, "anchor_frame"), pytest.raises(ValueError, match="option `num_frames`"):
+            call()
+    else:  # SparseCtrl with control on the anchor: its own motion modules skip the anchor too
+        with dx.patched(pipe, "anchor_frame", control_anchor=True):
+            assert not pipe.controlnet._forward_hooks
+            assert _hook_count(pipe.controlnet) == len(faac.motion_modules(pipe.controlnet)) > 0
+        assert _hook_count(pipe.controlnet) == 0
 
 
 # --- export and the training loss --------------------------------------------------------------------------
@@ -320,4 +427,7 @@ def test_animate_command_writes_a_video(tmp_path):
     with Image.open(out) as gif:
         assert gif.n_frames == 3
     assert main(["animate", "--frames", "1", "--out", str(out)]) == 2            # clear error, exit 2
+    assert main(["animate", "--anchor", "1", "--option", "anchor=2", "--out", str(out)]) == 2   # given twice
+    assert main(["animate", "--option", "image_model_anchor=maybe", "--out", str(out)]) == 2
+    assert main(["animate", "--option", "num_frames=3", "--out", str(out)]) == 2  # that is --frames
     assert main(["animate", "--image", str(tmp_path / "missing.png"), "--out", str(out)]) == 2

@@ -1,12 +1,16 @@
-"""T^5 (processors/ttt.py, ops TTT section): closed forms against autograd and against a dense
-reference of METHODS.md section 3 written here from the module's weights."""
+"""T^5 (processors/ttt.py, ops TTT and neighbourhood sections): closed forms against autograd, the
+neighbourhood attention against a brute-force loop over every query, and each processor against a
+dense reference of METHODS.md section 3 / the released DiT5 `MixedAttention`, written here from the
+module's weights."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import diffusers_ext as dx
-from diffusers_ext.ops import key_instance_norm, ttt_attention, ttt_inner_step
+import diffusers_ext.ops as ops
+from diffusers_ext.ops import key_instance_norm, neighborhood_attention, ttt_attention, ttt_inner_step
+from diffusers_ext.processor import merge_heads, project_kv, project_out, project_q, split_heads
 from diffusers_ext.testing import tiny_dit_transformer, tiny_sd3_transformer, tiny_sd_unet
 
 
@@ -41,6 +45,106 @@ def test_key_instance_norm_matches_torch():
     torch.testing.assert_close(key_instance_norm(k, 1.0), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_half_precision_inner_step_keeps_the_update():
+    """bf16 / fp16 inputs: the step runs in fp32 and returns fp32 W', so the update G (~1e-3 of W, below
+    bf16's resolution of W) survives; it matches the fp64 step on the same rounded inputs."""
+    torch.manual_seed(2)
+    k = key_instance_norm(torch.randn(1, 2, 4096, 16, dtype=torch.float64))
+    v = torch.randn(1, 2, 4096, 16, dtype=torch.float64)
+    w1, w2 = (0.02 * torch.randn(2, 16, 16, dtype=torch.float64) for _ in range(2))
+    for dtype in (torch.bfloat16, torch.float16):
+        low = [x.to(dtype) for x in (k, v, w1, w2)]
+        ref1, ref2 = ttt_inner_step(*(x.double() for x in low), 0.125)
+        new1, new2 = ttt_inner_step(*low, 0.125)
+        assert new1.dtype == new2.dtype == torch.float32
+        for new, ref, w in ((new1, ref1, low[2]), (new2, ref2, low[3])):
+            update, ref_update = w.double() - new.double(), w.double() - ref
+            assert float((update - ref_update).norm() / ref_update.norm()) < 1e-4
+        assert ops.ttt_read(low[0], new1, new2).dtype == dtype
+
+
+def _window(i, length, kernel):
+    """NATTEN's window start along one axis (its get_window_start, dilation 1), and the window size;
+    an axis shorter than the kernel is one window."""
+    if length < kernel:
+        return 0, length
+    half = kernel // 2
+    start = max(i - half, 0) + ((length - i - half - 1) if i + half >= length else 0)
+    return start, kernel
+
+
+def _na_brute(q, k, v, grid, kernel, scale, rpb=None):
+    """Neighbourhood attention, one query at a time: softmax over its window's keys."""
+    height, width = grid
+    out = torch.empty_like(q)
+    for i in range(height):
+        for j in range(width):
+            (y0, ny), (x0, nx) = _window(i, height, kernel), _window(j, width, kernel)
+            keys = [(y, x) for y in range(y0, y0 + ny) for x in range(x0, x0 + nx)]
+            index = torch.tensor([y * width + x for y, x in keys])
+            logits = scale * torch.einsum("bhd,bhkd->bhk", q[:, :, i * width + j], k[:, :, index])
+            if rpb is not None:
+                logits = logits + torch.stack([rpb[:, y - i + kernel - 1, x - j + kernel - 1] for y, x in keys], -1)
+            out[:, :, i * width + j] = torch.einsum("bhk,bhkd->bhd", logits.softmax(-1), v[:, :, index])
+    return out
+
+
+NA_CASES = [((7, 9), 5), ((13, 10), 5), ((4, 6), 5), ((9, 9), 3), ((10, 12), 7), ((5, 5), 1), ((17, 3), 5), ((2, 2), 5)]
+
+
+@pytest.mark.parametrize("grid,kernel", NA_CASES)
+@pytest.mark.parametrize("with_rpb", [False, True])
+def test_neighborhood_attention_matches_brute_force(grid, kernel, with_rpb):
+    """Every query, corners and borders included (NATTEN's shifted windows), in fp64; fp32 close."""
+    torch.manual_seed(3)
+    n = grid[0] * grid[1]
+    q, k, v = (torch.randn(2, 3, n, 5, dtype=torch.float64) for _ in range(3))
+    rpb = torch.randn(3, 2 * kernel - 1, 2 * kernel - 1, dtype=torch.float64) if with_rpb else None
+    ref = _na_brute(q, k, v, grid, kernel, 0.6, rpb)
+    got = neighborhood_attention(q, k, v, grid, kernel, 0.6, rpb)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    low = neighborhood_attention(q.float(), k.float(), v.float(), grid, kernel, 0.6,
+                                 None if rpb is None else rpb.float())
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_neighborhood_attention_in_chunks_and_exact_windows(monkeypatch):
+    """One (batch, head) row per step (the per-head bias picked per row), and with q = 0 every query
+    averages exactly K x K values: v = one-hot token ids shows each window."""
+    torch.manual_seed(4)
+    grid, kernel, n = (11, 9), 5, 99
+    q, k, v = (torch.randn(2, 3, n, 4, dtype=torch.float64) for _ in range(3))
+    rpb = torch.randn(3, 9, 9, dtype=torch.float64)
+    whole = neighborhood_attention(q, k, v, grid, kernel, 0.5, rpb)
+    monkeypatch.setattr(ops, "NEIGHBORHOOD_CPU_CHUNK", 1)
+    torch.testing.assert_close(neighborhood_attention(q, k, v, grid, kernel, 0.5, rpb), whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(whole, _na_brute(q, k, v, grid, kernel, 0.5, rpb), rtol=1e-12, atol=1e-12)
+
+    ids = torch.eye(n, dtype=torch.float64).expand(1, 1, n, n)
+    seen = neighborhood_attention(torch.zeros(1, 1, n, n, dtype=torch.float64), ids, ids, grid, kernel, 1.0)[0, 0]
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            (y0, _), (x0, _) = _window(i, grid[0], kernel), _window(j, grid[1], kernel)
+            expect = torch.zeros(grid, dtype=torch.float64)
+            expect[y0:y0 + kernel, x0:x0 + kernel] = 1 / kernel**2
+            torch.testing.assert_close(seen[i * grid[1] + j].view(grid), expect, rtol=0, atol=1e-15)
+
+
+def test_neighborhood_attention_gradients_and_errors():
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, 1, 20, 2, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(1, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: neighborhood_attention(*a[:3], (4, 5), 3, 0.7, a[3]), (q, k, v, rpb))
+    with pytest.raises(ValueError, match="odd"):
+        neighborhood_attention(q, k, v, (4, 5), 4, 0.7)
+    with pytest.raises(ValueError, match="not a 5 x 5 grid"):
+        neighborhood_attention(q, k, v, (5, 5), 3, 0.7)
+    with pytest.raises(ValueError, match="rpb must be"):
+        neighborhood_attention(q, k, v, (4, 5), 3, 0.7, torch.zeros(1, 3, 3))
+
+
 # --- dense reference of one converted layer, from the module's own weights -------------------------------
 
 def _heads(x, h):
@@ -70,13 +174,25 @@ def _ttt(q, k, v, w1, w2, s):
     return out
 
 
-def _reference_joint(attn, proc, x, c, grid, text_tokens):
+def _ttt_qk(proc, q, k, grid, local, key_offset):
+    """The TTT branch's queries / keys; with the local branch the released rescaling, key offset included
+    (the instance norm removes it: the processor has none)."""
+    if local:
+        q, k = q * proc.q_scale + proc.q_offset, k * proc.k_scale + key_offset
+    return _conv(proc.q_conv, q, grid), _conv(proc.k_conv, _inorm(k), grid)
+
+
+def _blend(o_ttt, q, k, v, grid, s, local):  # the released mix: 0.5 NA_5x5 + 0.5 TTT
+    return 0.5 * _na_brute(q, k, v, grid, 5, s) + 0.5 * o_ttt if local else o_ttt
+
+
+def _reference_joint(attn, proc, x, c, grid, text_tokens, local, key_offset):
     h = attn.heads
     q, k, v = _heads(attn.to_q(x), h), _heads(attn.to_k(x), h), _heads(attn.to_v(x), h)
     qc, kc, vc = _heads(attn.add_q_proj(c), h), _heads(attn.add_k_proj(c), h), _heads(attn.add_v_proj(c), h)
     if attn.norm_q is not None:
         q, k, qc, kc = attn.norm_q(q), attn.norm_k(k), attn.norm_added_q(qc), attn.norm_added_k(kc)
-    qi, ki = _conv(proc.q_conv, q, grid), _conv(proc.k_conv, _inorm(k), grid)
+    qi, ki = _ttt_qk(proc, q, k, grid, local, key_offset)
     keys, values = torch.cat([ki, _inorm(kc)], 2), torch.cat([v, vc], 2)
     if text_tokens == "ttt":
         o = _ttt(torch.cat([qi, qc], 2), keys, values, proc.w1, proc.w2, attn.scale)
@@ -84,49 +200,114 @@ def _reference_joint(attn, proc, x, c, grid, text_tokens):
     else:
         oi = _ttt(qi, keys, values, proc.w1, proc.w2, attn.scale)
         oc = torch.softmax(attn.scale * qc @ torch.cat([k, kc], 2).transpose(-1, -2), -1) @ values
+    oi = _blend(oi, q, k, v, grid, attn.scale, local)
     merge = lambda o: o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)  # noqa: E731
     return attn.to_out[0](merge(oi)), attn.to_add_out(merge(oc))
+
+
+def _reference_self(attn, proc, x, grid, local, key_offset):
+    h = attn.heads
+    q, k, v = _heads(attn.to_q(x), h), _heads(attn.to_k(x), h), _heads(attn.to_v(x), h)
+    qi, ki = _ttt_qk(proc, q, k, grid, local, key_offset)
+    o = _blend(_ttt(qi, ki, v, proc.w1, proc.w2, attn.scale), q, k, v, grid, attn.scale, local)
+    return attn.to_out[0](o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
 def _randomise(proc):
     with torch.no_grad():
         for p in proc.parameters():
             p.normal_(0, 0.2)
+        for name in ("q_scale", "k_scale"):  # the rescaling around its identity start
+            if hasattr(proc, name):
+                getattr(proc, name).add_(1)
 
 
+# fp64: the dense reference to ~1e-12; fp32: within 1e-5 of its own fp32 reference
+PRECISIONS = [(torch.float64, 1e-12), (torch.float32, 1e-5)]
+
+
+@pytest.mark.parametrize("dtype,tol", PRECISIONS)
+@pytest.mark.parametrize("local", ["neighborhood", "none"])
 @pytest.mark.parametrize("text_tokens", ["softmax", "ttt"])
-def test_joint_processor_matches_dense_reference(text_tokens):
+def test_joint_processor_matches_dense_reference(text_tokens, local, dtype, tol):
     torch.manual_seed(0)
-    model = tiny_sd3_transformer(sd35=True).eval()
-    record = dx.patch(model, "t5", text_tokens=text_tokens)
+    model = tiny_sd3_transformer(sd35=True).eval().to(dtype)
+    record = dx.patch(model, "t5", text_tokens=text_tokens, local=local)
     attn = model.transformer_blocks[0].attn
     proc = attn.processor
     _randomise(proc)
-    x, c = torch.randn(2, 36, 32), torch.randn(2, 5, 32)
-    record.state.latent_hw = (6, 6)
+    x, c = torch.randn(2, 36, 32, dtype=dtype), torch.randn(2, 5, 32, dtype=dtype)
+    record.state.latent_hw = (6, 6)  # a 6 x 6 token grid: windows shift at every border
     with torch.no_grad():
         got = attn(hidden_states=x, encoder_hidden_states=c)
-    ref = _reference_joint(attn, proc, x, c, (6, 6), text_tokens)
-    torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-5)
+    ref = _reference_joint(attn, proc, x, c, (6, 6), text_tokens, local == "neighborhood",
+                           torch.randn(attn.heads, 1, 8, dtype=dtype))
+    assert got[0].dtype == got[1].dtype == dtype
+    torch.testing.assert_close(got[0], ref[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(got[1], ref[1], rtol=tol, atol=tol)
 
 
-def test_self_processor_matches_dense_reference():
+@pytest.mark.parametrize("dtype,tol", PRECISIONS)
+@pytest.mark.parametrize("local", ["neighborhood", "none"])
+def test_self_processor_matches_dense_reference(local, dtype, tol):
     torch.manual_seed(0)
-    model = tiny_dit_transformer().eval()
-    record = dx.patch(model, "t5")
+    model = tiny_dit_transformer().eval().to(dtype)
+    record = dx.patch(model, "t5", local=local)
     attn = model.transformer_blocks[1].attn1
     proc = attn.processor
     _randomise(proc)
-    x = torch.randn(2, 64, 16)
+    x = torch.randn(2, 64, 16, dtype=dtype)
     record.state.latent_hw = (16, 16)  # patch size 2 -> an 8 x 8 token grid
     with torch.no_grad():
         got = attn(x)
-    h = attn.heads
-    q, k, v = _heads(attn.to_q(x), h), _heads(attn.to_k(x), h), _heads(attn.to_v(x), h)
-    o = _ttt(_conv(proc.q_conv, q, (8, 8)), _conv(proc.k_conv, _inorm(k), (8, 8)), v, proc.w1, proc.w2, attn.scale)
-    ref = attn.to_out[0](o.transpose(1, 2).reshape(2, 64, -1))
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    ref = _reference_self(attn, proc, x, (8, 8), local == "neighborhood", torch.randn(attn.heads, 1, 8, dtype=dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+
+
+def _previous_self_attend(attn, proc, x, grid):
+    """T^5's self-attention as it was before the local branch, from the same ops."""
+    q = project_q(attn, x)
+    k, v = project_kv(attn, x)
+    conv = lambda layer, t: t + split_heads(layer(merge_heads(t), grid), attn.heads)  # noqa: E731
+    k = key_instance_norm(k, 1.0)
+    out = ttt_attention(conv(proc.q_conv, q), conv(proc.k_conv, k), v, proc.w1, proc.w2, attn.scale)
+    return project_out(attn, out, x.dtype)
+
+
+def test_local_none_is_the_previous_form_bit_for_bit():
+    torch.manual_seed(0)
+    model = tiny_dit_transformer().eval()
+    record = dx.patch(model, "t5", local="none")
+    attn = model.transformer_blocks[1].attn1
+    proc = attn.processor
+    _randomise(proc)
+    assert sorted(n for n, _ in proc.named_parameters()) == [
+        "k_conv.conv.bias", "k_conv.conv.weight", "q_conv.conv.bias", "q_conv.conv.weight", "w1", "w2"]
+    x = torch.randn(2, 64, 16)
+    record.state.latent_hw = (16, 16)
+    with torch.no_grad():
+        assert torch.equal(attn(x), _previous_self_attend(attn, proc, x, (8, 8)))
+
+
+def test_release_start_and_options():
+    torch.manual_seed(0)
+    model = tiny_dit_transformer().eval()
+    dx.patch(model, "t5")
+    proc = model.transformer_blocks[0].attn1.processor
+    assert proc.local == "neighborhood" and proc.kernel_size == 5
+    ones = torch.ones(2, 1, 8)
+    assert torch.equal(proc.q_scale.detach(), ones) and torch.equal(proc.k_scale.detach(), ones)
+    assert not proc.q_offset.detach().any()
+    # released init: trunc_normal_(std=0.02) with absolute bounds +-2, so values beyond 2 sigma exist
+    inner = torch.cat([proc.w1.detach().flatten(), proc.w2.detach().flatten()])
+    assert (inner.abs() > 2 * 0.02).any() and inner.abs().max() < 0.2
+    with pytest.raises(ValueError, match="local_kernel.*odd"):
+        dx.patch(model, "t5", local_kernel=4)
+    with pytest.raises(ValueError, match="local"):
+        dx.patch(model, "t5", local="natten")
+    with pytest.raises(ValueError, match="inner_init_std"):
+        dx.patch(model, "t5", inner_init_std=0.0)
 
 
 def _sd3_call(model, seed=0):
@@ -161,7 +342,7 @@ def test_zero_conv_start_and_resolution_error():
     dx.patch(model, "t5")
     proc = model.transformer_blocks[0].attn1.processor
     assert all(float(p.detach().abs().max()) == 0 for p in (*proc.q_conv.parameters(), *proc.k_conv.parameters()))
-    assert 0 < float(proc.w1.std()) < 0.03
+    assert 0 < float(proc.w1.detach().std()) < 0.03
     with pytest.raises(ValueError, match="do not form a grid"):
         proc.state.latent_hw = (9, 9)
         proc.self_attend(model.transformer_blocks[0].attn1, torch.randn(1, 64, 16))

@@ -143,10 +143,10 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                         with gr.Row():
                             v_guidance = gr.Number(7.5, label="guidance scale")
                             v_seed = gr.Number(0, precision=0, label="seed")
-                        v_ghost = gr.Checkbox(True, label="anchor denoised by the image model alone (ghost motion modules)")
                         v_photo = gr.Image(type="pil", label="photo to animate (optional: the anchor starts from "
                                            "its DDIM inversion)", sources=["upload"])
-                        video_fields = option_fields([VIDEO_METHOD])
+                        # every option of the method, except the frame count the video itself sets
+                        video_fields = [f for f in option_fields([VIDEO_METHOD]) if f.option.name != "num_frames"]
                         video_options = [f.component(True) for f in video_fields]
                         v_run = gr.Button("Generate video", variant="primary", elem_id="v_generate")
                     with gr.Column(scale=2):
@@ -157,16 +157,16 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                             v_anchor = gr.Image(label="anchor frame", type="filepath", elem_id="v_anchor")
 
                 video_inputs = [v_model, v_prompt, v_frames, v_height, v_width, v_steps, v_guidance, v_seed,
-                                v_ghost, v_photo]
+                                v_photo]
 
                 def generate_video(*values, progress=gr.Progress()):
-                    (model_, prompt_, frames_, height_, width_, steps_, guidance_, seed_, ghost_,
+                    (model_, prompt_, frames_, height_, width_, steps_, guidance_, seed_,
                      photo_) = values[:len(video_inputs)]
                     try:
                         options = options_of(VIDEO_METHOD, video_fields, list(values[len(video_inputs):]))
                         stock_path, anchor_path, stock_s, anchor_s = worker.compare_videos(
                             model_, prompt_, frames_, height_, width_, steps_, guidance_, seed_, options,
-                            bool(ghost_), photo_, progress)
+                            photo_, progress)
                     except Exception as err:  # noqa: BLE001
                         return _fail(err, 2)
                     return (str(stock_path), str(anchor_path),

@@ -134,7 +134,7 @@ class Worker:
             return compare_pipeline(pipe, method, options, kwargs, warmup=warmup, progress=report)
 
     def compare_videos(self, model, prompt, frames, height, width, steps, guidance, seed, options,
-                       image_model_anchor, photo, progress) -> tuple[Path, Path, float, float]:
+                       photo, progress) -> tuple[Path, Path, float, float]:
         """Stock AnimateDiff vs the anchor-frame pipeline from the same initial noise, after a one-step
         warm-up of each: (stock GIF, anchor-frame GIF, seconds per denoiser call of each)."""
         from diffusers import UNetMotionModel
@@ -182,7 +182,7 @@ class Worker:
                 stock = pipe(prompt, latents=latents.clone(), **common).frames[0]
             with DenoiserTimer(pipe.unet, counted(VIDEO_METHOD)) as anchor_timer:
                 anchored = animate(pipe, prompt, latents=latents.clone(), image=photo,
-                                   image_model_anchor=image_model_anchor, **options, **common).frames[0]
+                                   **options, **common).frames[0]
             anchor_times = anchor_timer.times[-steps:]   # an inverted photo adds the inversion's forwards first
         folder = Path(tempfile.mkdtemp(prefix="diffusers_ext_app_"))
         stock_path = save_video([enlarge(frame, 128) for frame in np.asarray(stock)], folder / "stock.gif")
