@@ -22,7 +22,7 @@ PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj",
 
 
 def _blocks(value):
-    """"all" or a non-empty list of distinct block indices >= 0"""
+    """`"all"` or a non-empty list of distinct block indices >= 0"""
     if value == "all":
         return "all"
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):

@@ -5,7 +5,13 @@ top-left one, or a random one per cell drawn from a caller's generator), every o
 *source*. Each source finds its most cosine-similar destination; the `r` most similar sources are
 averaged into their destination, the rest stay. `merge` shrinks (B, N, C) to (B, N - r, C),
 `unmerge` copies each merged token's value back to every position it came from, and `agents`
-averages *every* source into its destination: AgentSD's agent tokens (one per cell).
+is AgentSD's second merge of the same matching with its own count: the `a` most similar sources
+averaged into their destinations, the other sources kept, (B, N - a, C) agent tokens (with every
+source merged, one agent per cell).
+
+The matching may come from other tokens than the ones merged (AgentSD matches on the transformer
+block's input and merges its normalised copy). Similarities are computed in at least fp32; fp64
+stays fp64.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .ops import upcast_dtype
 
 # Rows of the (sources x destinations) similarity matrix computed at once: bounds the memory of
 # the matching at large grids (2048^2 images have 65,536 tokens at the UNet's first level).
@@ -57,12 +65,22 @@ class GridMerge:
     src_pos: torch.Tensor   # (Ns,) grid positions of the sources
     dst_pos: torch.Tensor   # (Nd,) grid positions of the destinations
     assign: torch.Tensor    # (B, Ns) best destination of every source
-    kept: torch.Tensor      # (B, Ns - r) sources that stay
-    merged: torch.Tensor    # (B, r) sources averaged into their destination
+    order: torch.Tensor     # (B, Ns) sources by decreasing similarity to their destination
+    num_merged: int         # r: the first r sources of `order` are merged, the rest stay
 
     @property
-    def num_merged(self) -> int:
-        return self.merged.shape[1]
+    def kept(self) -> torch.Tensor:
+        """(B, Ns - r) sources that stay."""
+        return self.order[:, self.num_merged:]
+
+    @property
+    def merged(self) -> torch.Tensor:
+        """(B, r) sources averaged into their destination."""
+        return self.order[:, :self.num_merged]
+
+    def num_agents(self, ratio: float) -> int:
+        """How many agent tokens `agents(x, ratio)` gives: N - a, a = min(int(ratio N), Ns)."""
+        return self.num_tokens - min(int(ratio * self.num_tokens), self.src_pos.numel())
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, N - r, C): kept sources, then destinations averaged with their merged sources."""
@@ -78,12 +96,26 @@ class GridMerge:
         """(B, N - r, C) -> (B, N, C): every position takes the value of the token it was merged into."""
         return y.gather(1, self._source_rows()[..., None].expand(-1, -1, y.shape[-1]))
 
-    def agents(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) -> (B, Nd, C): each destination averaged with all sources matched to it."""
+    def agents(self, x: torch.Tensor, ratio: float) -> torch.Tensor:
+        """(B, N, C) -> (B, N - a, C), a = min(int(ratio N), Ns) (AgentSD's `agent_ratio`): the
+        sources after the first a of `order`, then each destination averaged with those of the first
+        a matched to it. With every source merged (a = Ns): (B, Nd, C), one agent per cell."""
         channels = x.shape[-1]
+        merged = self.num_tokens - self.num_agents(ratio)
+        every = merged == self.src_pos.numel()
         src, dst = x[:, self.src_pos], x[:, self.dst_pos]
-        target = self.assign[..., None].expand(-1, -1, channels)
-        return dst.scatter_reduce(1, target, src, reduce="mean", include_self=True)
+        if every:
+            chosen_src, target = src, self.assign
+        else:
+            chosen = self.order[:, :merged]
+            chosen_src = src.gather(1, chosen[..., None].expand(-1, -1, channels))
+            target = self.assign.gather(1, chosen)
+        dst = dst.scatter_reduce(1, target[..., None].expand(-1, -1, channels), chosen_src, reduce="mean",
+                                 include_self=True)
+        if every:
+            return dst
+        rest = src.gather(1, self.order[:, merged:, None].expand(-1, -1, channels))
+        return torch.cat([rest, dst], dim=1)
 
     def _source_rows(self) -> torch.Tensor:
         """(B, N): for every grid position, its row in the merged sequence."""
@@ -116,7 +148,8 @@ def match_on_grid(metric: torch.Tensor, grid: tuple[int, int], stride: int, rati
     is_dst[dst_pos] = True
     src_pos = (~is_dst).nonzero().squeeze(1)
 
-    similarity, assign = _best_destination(metric[:, src_pos].float(), metric[:, dst_pos].float())
+    dtype = upcast_dtype(metric.dtype)
+    similarity, assign = _best_destination(metric[:, src_pos].to(dtype), metric[:, dst_pos].to(dtype))
     order = similarity.argsort(dim=1, descending=True)
     r = min(int(ratio * num_tokens), src_pos.numel())
-    return GridMerge(num_tokens, src_pos, dst_pos, assign, kept=order[:, r:], merged=order[:, :r])
+    return GridMerge(num_tokens, src_pos, dst_pos, assign, order, r)

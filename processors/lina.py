@@ -54,7 +54,7 @@ LAYOUTS = ("released", "gated")
 
 
 def _grid_or_auto(value):
-    """Option check: None (the model's native token grid) or a (height, width) pair of positive ints."""
+    """`None` (the model's native token grid) or a (height, width) pair of positive integers"""
     if value is None or value == "auto":
         return None
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
@@ -65,6 +65,7 @@ def _grid_or_auto(value):
 
 
 def _odd_kernel(value):
+    """an odd integer in [1, 31]"""
     value = number(1, 31, integer=True)(value)
     if value % 2 != 1:
         raise ValueError(f"must be odd, got {value}")

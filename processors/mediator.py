@@ -50,6 +50,7 @@ DEFAULT_MEDIATORS = 64
 # --- options ----------------------------------------------------------------------------------------
 
 def _square_counts(value):
+    """a perfect square (1, 4, 9, 16, ...) or a sequence of them"""
     counts = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
     if not isinstance(counts, (tuple, list)) or not counts:
         raise TypeError(f"expected a perfect square or a sequence of them, got {value!r}")
@@ -62,6 +63,7 @@ def _square_counts(value):
 
 
 def _fractions(value):
+    """`None`, or fractions in (0, 1): one number or a sequence"""
     if value is None:
         return None
     values = (value,) if isinstance(value, (int, float)) and not isinstance(value, bool) else tuple(value)

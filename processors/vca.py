@@ -41,6 +41,7 @@ from diffusers_ext.registry import STEPS, Method, Option, boolean, number, regis
 
 
 def _square(value):
+    """a perfect square integer (4, 16, 64, ...)"""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1 or math.isqrt(value) ** 2 != value:
         raise ValueError(f"must be a perfect square (4, 16, 64, ...), got {value!r}")
     return value

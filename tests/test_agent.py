@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers_ext.patching import PatchRecord
 from helpers import denoiser_inputs, run_denoiser
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -14,6 +15,7 @@ from diffusers_ext.merge import destination_positions, match_on_grid
 from diffusers_ext.ops import agent_attention, pool_on_grid
 from diffusers_ext.registry import get_method
 from diffusers_ext.steps import Schedule, StepState
+from diffusers_ext.testing import tiny_sd_unet
 
 
 def softmax_attention(q, k, v, scale):
@@ -22,61 +24,91 @@ def softmax_attention(q, k, v, scale):
 
 # --- merging -----------------------------------------------------------------------------------------
 
-def reference_match(x, grid, stride, ratio, dst_pos):
-    """Loop-based bipartite matching: returns (merged tokens, unmerge map, agents) for batch row 0."""
-    n = x.shape[0]
-    dst = [int(p) for p in dst_pos]
-    src = [p for p in range(n) if p not in set(dst)]
-    unit = x / x.norm(dim=-1, keepdim=True)
-    best = []
-    for s in src:
-        sims = torch.stack([unit[s] @ unit[d] for d in dst])
-        best.append((float(sims.max()), s, int(sims.argmax())))
-    ranked = sorted(best, key=lambda b: -b[0])
-    r = min(int(ratio * n), len(src))
-    merged, kept = ranked[:r], ranked[r:]
-    groups = {j: [dst[j]] for j in range(len(dst))}
-    for _, s, j in merged:
-        groups[j].append(s)
-    kept_src = [s for _, s, _ in kept]
-    tokens = [x[s] for s in kept_src] + [x[groups[j]].mean(0) for j in range(len(dst))]
-    row_of = {}
-    for i, s in enumerate(kept_src):
-        row_of[s] = i
-    for j in range(len(dst)):
-        for p in groups[j]:
-            row_of[p] = len(kept_src) + j
-    all_groups = {j: [dst[j]] for j in range(len(dst))}
-    for _, s, j in best:
-        all_groups[j].append(s)
-    agents = torch.stack([x[all_groups[j]].mean(0) for j in range(len(dst))])
-    return torch.stack(tokens), [row_of[p] for p in range(n)], agents
+class LoopMatch:
+    """Bipartite matching of one batch row written with explicit loops (ToMe / AgentSD): matched on
+    `metric` (N, C), applied to any values (N, C') laid out like it."""
+
+    def __init__(self, metric, dst_pos, ratio):
+        self.n = metric.shape[0]
+        self.dst = [int(p) for p in dst_pos]
+        self.src = [p for p in range(self.n) if p not in set(self.dst)]
+        unit = metric / metric.norm(dim=-1, keepdim=True)
+        best = []
+        for s in self.src:
+            sims = [float(unit[s] @ unit[d]) for d in self.dst]
+            j = max(range(len(sims)), key=sims.__getitem__)
+            best.append((sims[j], s, j))
+        self.ranked = sorted(best, key=lambda b: -b[0])      # (similarity, source, destination index)
+        self.r = min(int(ratio * self.n), len(self.src))
+
+    def _split(self, count):
+        """The sources left after merging the `count` most similar, and each destination's group."""
+        groups = [[d] for d in self.dst]
+        for _, s, j in self.ranked[:count]:
+            groups[j].append(s)
+        return [s for _, s, _ in self.ranked[count:]], groups
+
+    def merge(self, values):
+        kept, groups = self._split(self.r)
+        return torch.stack([values[s] for s in kept] + [values[g].mean(0) for g in groups])
+
+    def unmerge(self, merged):
+        kept, groups = self._split(self.r)
+        row_of = {s: i for i, s in enumerate(kept)}
+        for j, group in enumerate(groups):
+            row_of.update({p: len(kept) + j for p in group})
+        return torch.stack([merged[row_of[p]] for p in range(self.n)])
+
+    def agents(self, values, agent_ratio):
+        """AgentSD's agents: the int(agent_ratio N) most similar sources (at most all) merged."""
+        rest, groups = self._split(min(int(agent_ratio * self.n), len(self.src)))
+        return torch.stack([values[s] for s in rest] + [values[g].mean(0) for g in groups])
 
 
-@pytest.mark.parametrize("grid, stride, ratio, random", [((8, 8), 2, 0.4, False), ((6, 10), 4, 0.5, True),
-                                                        ((9, 7), 2, 0.3, True)])
-def test_grid_merge_matches_loop_reference(grid, stride, ratio, random):
+def _rows_sorted(t):
+    """Rows in a canonical order (for sets of tokens whose order is free)."""
+    return t[t[:, 0].argsort()]
+
+
+@pytest.mark.parametrize("grid, stride, ratio, agent_ratio, random", [((8, 8), 2, 0.4, 1.0, False),
+                                                                      ((6, 10), 4, 0.5, 0.7, True),
+                                                                      ((9, 7), 2, 0.3, 0.5, True)])
+def test_grid_merge_matches_loop_reference(grid, stride, ratio, agent_ratio, random):
+    """Matched on one tensor, applied to another, as AgentSD does (block input / its norm)."""
     torch.manual_seed(0)
     n = grid[0] * grid[1]
-    x = torch.randn(1, n, 5, dtype=torch.float64)
+    metric, x = torch.randn(1, n, 5, dtype=torch.float64), torch.randn(1, n, 3, dtype=torch.float64)
     gen = torch.Generator().manual_seed(3) if random else None
-    match = match_on_grid(x, grid, stride, ratio, gen)
+    match = match_on_grid(metric, grid, stride, ratio, gen)
     gen = torch.Generator().manual_seed(3) if random else None
     dst_pos = destination_positions(grid, stride, gen, x.device)
-    tokens, rows, agents = reference_match(x[0], grid, stride, ratio, dst_pos)
+    loop = LoopMatch(metric[0], dst_pos, ratio)
+    tokens = loop.merge(x[0])
+    exact = dict(rtol=0, atol=1e-12)
 
     merged = match.merge(x)[0]
-    # same multiset of merged tokens (the order of kept sources may differ on similarity ties)
+    # destinations in cell order; the kept sources as a set (their order is free)
     assert merged.shape == tokens.shape
-    torch.testing.assert_close(merged[-len(dst_pos):], tokens[-len(dst_pos):])
-    torch.testing.assert_close(torch.sort(merged[:-len(dst_pos)], dim=0)[0], torch.sort(tokens[:-len(dst_pos)], dim=0)[0])
+    torch.testing.assert_close(merged[-len(dst_pos):], tokens[-len(dst_pos):], **exact)
+    torch.testing.assert_close(_rows_sorted(merged[:-len(dst_pos)]), _rows_sorted(tokens[:-len(dst_pos)]), **exact)
     # unmerge: every position gets the value of the token it was merged into
-    y = torch.randn(1, merged.shape[0], 3, dtype=torch.float64)
-    restored = match.unmerge(match.merge(x))
-    expected = torch.stack([tokens[rows[p]] for p in range(n)])
-    torch.testing.assert_close(restored[0], expected)
-    assert match.unmerge(y).shape == (1, n, 3)
-    torch.testing.assert_close(match.agents(x)[0], agents)
+    torch.testing.assert_close(match.unmerge(match.merge(x))[0], loop.unmerge(tokens), **exact)
+    y = torch.randn(1, merged.shape[0], 2, dtype=torch.float64)
+    assert match.unmerge(y).shape == (1, n, 2)
+    agents, expected = match.agents(x, agent_ratio)[0], loop.agents(x[0], agent_ratio)
+    assert agents.shape == expected.shape == (match.num_agents(agent_ratio), 3)
+    torch.testing.assert_close(_rows_sorted(agents), _rows_sorted(expected), **exact)
+
+
+def test_matching_keeps_fp64():
+    """Two sources closer to their destination than fp32 resolves: fp64 ranks them right."""
+    e1, e2 = torch.eye(2, dtype=torch.float64)
+    metric = torch.stack([e1, e1 + 2e-5 * e2, e2, e1 + 1e-5 * e2])[None]   # destination: position 0
+    match = match_on_grid(metric, (2, 2), 2, 0.25)                            # r = 1 source merged
+    assert match.src_pos[match.merged[0]].tolist() == [3]
+    unit = metric[0].float() / metric[0].float().norm(dim=-1, keepdim=True)
+    assert unit[1] @ unit[0] == unit[3] @ unit[0]                             # a tie in fp32
+    assert match.merge(metric).dtype == torch.float64
 
 
 def test_destinations_one_per_cell_and_seeded():
@@ -113,8 +145,9 @@ def _site():
 
 
 def _processor(attn, site, latent_hw, agent_phase=True, **options):
+    """An agent processor on a bare Attention (no block around it: it matches on its input)."""
     method = get_method("agent")
-    resolved = method.resolve_options("sd", {"min_tokens": 1, **options})   # small test grids act
+    resolved = method.resolve_options("sd", {"min_tokens": 1, "merge_metric": "attention_input", **options})
     state = StepState(schedules={"steps": Schedule(), "agent_steps": resolved["agent_steps"]})
     state.latent_hw = latent_hw
     state.update(999.0, 0, 50, 0.0 if agent_phase else 0.9)
@@ -161,10 +194,10 @@ def test_processor_merged_agents_and_tokens_matches_dense():
     x = torch.randn(1, 64, 32)
     with torch.no_grad():
         out = attn(x)
-        dst = destination_positions((8, 8), 2, None, x.device)
-        tokens, rows, agents = reference_match(x[0].double(), (8, 8), 2, 0.4, dst)
+        loop = LoopMatch(x[0].double(), destination_positions((8, 8), 2, None, x.device), 0.4)
+        tokens, agents = loop.merge(x[0].double()), loop.agents(x[0].double(), 0.95)
         merged_out = _dense_reference(attn, x, agents[None].float(), 0.5, 0.1, tokens=tokens[None].float())
-        expected = merged_out[0][rows][None]
+        expected = loop.unmerge(merged_out[0])[None]
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -175,12 +208,12 @@ def test_late_phase_is_token_merged_softmax_attention():
     x = torch.randn(1, 64, 32)
     with torch.no_grad():
         out = attn(x)
-        tokens, rows, _ = reference_match(x[0].double(), (8, 8), 2, 0.5, destination_positions((8, 8), 2, None, x.device))
-        t = tokens[None].float()
+        loop = LoopMatch(x[0].double(), destination_positions((8, 8), 2, None, x.device), 0.5)
+        t = loop.merge(x[0].double())[None].float()
         q, k, v = (attn.to_q(t), attn.to_k(t), attn.to_v(t))
         split = lambda z: z.view(1, -1, 4, 8).transpose(1, 2)  # noqa: E731
         o = softmax_attention(split(q), split(k), split(v), 8**-0.5).transpose(1, 2).reshape(1, -1, 32)
-        expected = attn.to_out[0](o)[0][rows][None]
+        expected = loop.unmerge(attn.to_out[0](o)[0])[None]
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -233,6 +266,187 @@ def test_masks_fall_back_to_stock_with_a_warning(caplog):
     assert "masks" in caplog.text
 
 
+# --- the whole transformer block, as AgentSD patches it ---------------------------------------------------
+
+def _linear(layer, x):
+    out = x @ layer.weight.double().T
+    return out if layer.bias is None else out + layer.bias.double()
+
+
+def _layer_norm(norm, x):
+    return F.layer_norm(x, norm.normalized_shape, norm.weight.double(), norm.bias.double(), norm.eps)
+
+
+def _row_attention(attn, tokens, context, agents=None, k_scale2=0.3, k_shortcut=0.075):
+    """One batch row: to_out of softmax attention, or of AgentSD's agent attention
+    softmax(s2 Q A^T) softmax(s A K^T) V + c V, with every step written out."""
+    def heads(t):
+        return t.view(t.shape[0], attn.heads, -1).transpose(0, 1)
+
+    q, k, v = heads(_linear(attn.to_q, tokens)), heads(_linear(attn.to_k, context)), heads(_linear(attn.to_v, context))
+    d = q.shape[-1]
+    if agents is None:
+        o = softmax_attention(q, k, v, d**-0.5)
+    else:
+        a = heads(_linear(attn.to_q, agents))
+        o = softmax_attention(q, a, softmax_attention(a, k, v, d**-0.5), d ** (-0.5 * k_scale2)) + k_shortcut * v
+    return _linear(attn.to_out[0], o.transpose(0, 1).reshape(tokens.shape[0], -1))
+
+
+def _row_feed_forward(ff, y):
+    hidden, gate = _linear(ff.net[0].proj, y).chunk(2, dim=-1)      # GEGLU
+    return _linear(ff.net[2], hidden * F.gelu(gate))
+
+
+def reference_block(block, x, context, grid, stride, agent_phase, options):
+    """AgentSD's patched BasicTransformerBlock (agentsd/patch.py, `_forward`) on one batch row x (N, C):
+    m, u = matching(metric); x += u(attn1(m(norm1(x)), agents of norm1(x))); x += u_c(attn2(m_c(norm2(x))));
+    x += u_m(ff(m_m(norm3(x)))), with m_c, m_m = m only where merge_crossattn / merge_mlp."""
+    y = _layer_norm(block.norm1, x)
+    metric = x if options["merge_metric"] == "block_input" else y
+    match = LoopMatch(metric, destination_positions(grid, stride, None, x.device), options["merge_ratio"])
+    tokens = match.merge(y)
+    agents = match.agents(y, options["agent_ratio"]) if agent_phase else None
+    if agents is not None and 2 * agents.shape[0] >= tokens.shape[0]:
+        agents = None                                                  # AgentSD: only where cheaper
+    x = x + match.unmerge(_row_attention(block.attn1, tokens, tokens, agents))
+
+    def around(fn, y, merged):
+        return match.unmerge(fn(match.merge(y))) if merged else fn(y)
+
+    x = x + around(lambda t: _row_attention(block.attn2, t, context), _layer_norm(block.norm2, x),
+                   options["merge_crossattn"])
+    return x + around(lambda t: _row_feed_forward(block.ff, t), _layer_norm(block.norm3, x), options["merge_mlp"])
+
+
+def _run_tiny_unet(dtype, timestep, options, block_path=("down_blocks", 0, "attentions", 0, "transformer_blocks", 0)):
+    """A tiny SD UNet (16 x 16 latent, batch 2) patched with `options`: (record options, the
+    watched block, its input / text states / output)."""
+    torch.manual_seed(0)
+    unet = tiny_sd_unet().to(dtype).eval()
+    sample = torch.randn(2, 4, 16, 16, dtype=dtype)
+    context = torch.randn(2, 7, 32, dtype=dtype)
+    block = unet
+    for step in block_path:
+        block = block[step] if isinstance(step, int) else getattr(block, step)
+    seen = {}
+    with dx.patched(unet, "agent", random_dst=False, **options) as record:
+        handle = block.register_forward_hook(
+            lambda m, args, kwargs, out: seen.update(x=args[0], c=kwargs["encoder_hidden_states"], out=out),
+            with_kwargs=True)
+        try:
+            with torch.no_grad():
+                unet(sample, timestep, encoder_hidden_states=context)
+        finally:
+            handle.remove()
+    return record.options, block, seen
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("timestep, options", [
+    (999.0, {}),                                                        # agent phase, AgentSD's recipe
+    (999.0, {"agent_ratio": 0.8, "merge_crossattn": True, "merge_mlp": True}),
+    (999.0, {"merge_metric": "attention_input"}),
+    (200.0, {"merge_crossattn": True}),                                 # ToMe phase (2 x 2 cells)
+])
+def test_patched_block_matches_agentsd_block_reference(dtype, tol, timestep, options):
+    resolved, block, seen = _run_tiny_unet(dtype, timestep, options)
+    agent_phase = timestep == 999.0
+    stride = resolved["agent_stride"] if agent_phase else resolved["merge_stride"]
+    with torch.no_grad():
+        expected = torch.stack([reference_block(block, seen["x"][b].double(), seen["c"][b].double(), (16, 16), stride,
+                                                agent_phase, resolved) for b in range(2)])
+    assert seen["out"].dtype == dtype
+    torch.testing.assert_close(seen["out"].double(), expected, rtol=tol, atol=tol)
+
+
+def test_block_input_and_attention_input_match_different_tokens():
+    _, block, by_block = _run_tiny_unet(torch.float64, 999.0, {})
+    _, _, by_attention = _run_tiny_unet(torch.float64, 999.0, {"merge_metric": "attention_input"})
+    assert torch.equal(by_block["x"], by_attention["x"])        # first block: the same input
+    x = by_block["x"][0]
+    dst = destination_positions((16, 16), 4, None, x.device)
+    with torch.no_grad():
+        y = _layer_norm(block.norm1, x)
+        assert LoopMatch(x, dst, 0.4).ranked[:102] != LoopMatch(y, dst, 0.4).ranked[:102]
+    assert (by_block["out"] - by_attention["out"]).abs().max() > 1e-6
+
+
+def _hook_counts(model):
+    return {name: (len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in model.named_modules()
+            if m._forward_pre_hooks or m._forward_hooks}
+
+
+def test_block_hooks_installed_per_option_and_removed_exactly(pipeline_of):
+    pipe = pipeline_of("sd")
+    model, kwargs = denoiser_inputs(pipe)
+    before = _hook_counts(model)
+    stock = run_denoiser(model, kwargs)
+    with dx.patched(pipe, "agent", merge_metric="attention_input"):
+        assert _hook_counts(model) == before                      # nothing to hand over: no hooks
+    with dx.patched(pipe, "agent", merge_crossattn=True, merge_mlp=True) as record:
+        blocks = {name.rpartition(".")[0] for name in record.sites}
+        expected = {**before, **{b: (1, 1) for b in blocks},
+                    **{f"{b}.{m}": (1, 1) for b in blocks for m in ("attn2", "ff")}}
+        assert _hook_counts(model) == expected
+        agent_out = run_denoiser(model, kwargs)
+        taps = [p.tap for p in record.processors().values()]
+        assert all(t.block_input is None and t.match is None for t in taps)   # nothing outlives a call
+    assert _hook_counts(model) == before
+    assert torch.equal(run_denoiser(model, kwargs), stock) and not torch.equal(agent_out, stock)
+
+
+def test_cfg_halves_match_alike_on_the_block_input(pipeline_of):
+    pipe = pipeline_of("sd")
+    model, kwargs = denoiser_inputs(pipe, batch=1)
+    doubled = {**kwargs, "sample": kwargs["sample"].repeat(2, 1, 1, 1),
+               "encoder_hidden_states": kwargs["encoder_hidden_states"].repeat(2, 1, 1)}
+    with dx.patched(pipe, "agent", merge_crossattn=True, merge_mlp=True):
+        out = run_denoiser(model, doubled)
+        single = run_denoiser(model, kwargs)
+    assert torch.equal(out[0], out[1])
+    torch.testing.assert_close(out[:1], single, atol=1e-5, rtol=1e-5)
+
+
+def test_block_input_needs_the_block_and_mlp_merging_refuses_chunking():
+    attn, site = _site()
+    _processor(attn, site, (8, 8), merge_metric="block_input")
+    with pytest.raises(RuntimeError, match="merge_metric='block_input' needs the input of the transformer block"):
+        with torch.no_grad():
+            attn(torch.randn(1, 64, 32))
+    unet = tiny_sd_unet().eval()
+    for module in unet.modules():
+        if hasattr(module, "set_chunk_feed_forward"):
+            module.set_chunk_feed_forward(64, dim=1)
+    with dx.patched(unet, "agent", merge_mlp=True), torch.no_grad(), pytest.raises(ValueError, match="chunking"):
+        unet(torch.randn(1, 4, 16, 16), 999.0, encoder_hidden_states=torch.randn(1, 7, 32))
+
+
+def test_torch_compile_with_block_hooks_does_not_recompile_every_step(pipeline_of):
+    """The hooks hand tensors over within a call: new steps add no graphs, compiled = eager."""
+    from torch._dynamo.utils import counters
+
+    pipe = pipeline_of("sd")
+    model, kwargs = denoiser_inputs(pipe)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with dx.patched(pipe, "agent", merge_crossattn=True, merge_mlp=True):
+            compiled = torch.compile(model, backend="eager")
+            with torch.no_grad():
+                # the agent phase (t = 999: 0 % of the run) and the ToMe phase (t = 500: 50 %)
+                first = [compiled(**{**kwargs, "timestep": torch.tensor(t)}, return_dict=False)[0]
+                         for t in (999.0, 500.0)]
+                graphs = counters["stats"]["unique_graphs"]
+                for t in (900.0, 300.0):        # new steps of both phases
+                    compiled(**{**kwargs, "timestep": torch.tensor(t)}, return_dict=False)
+            assert counters["stats"]["unique_graphs"] == graphs, "new steps compiled new graphs"
+            eager = run_denoiser(model, {**kwargs, "timestep": torch.tensor(999.0)})
+        torch.testing.assert_close(first[0], eager, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_pipeline_is_deterministic_and_leaves_global_rng_alone(pipeline_of):
     pipe = pipeline_of("sd")
     model, kwargs = denoiser_inputs(pipe)
@@ -276,36 +490,44 @@ def test_agent_full_pipeline_runs_with_guidance(pipeline_of):
 
 def test_option_errors():
     for bad in [dict(merge_ratio=0.9), dict(agent_stride=1), dict(k_shortcut=2.0), dict(random_dst="yes"),
-                dict(max_downsample=3), dict(agent_stride=2, merge_ratio=0.75 + 0.01)]:
+                dict(max_downsample=3), dict(agent_stride=2, merge_ratio=0.75 + 0.01), dict(merge_metric="norm"),
+                dict(agent_ratio=1.5), dict(merge_mlp="yes"), dict(merge_crossattn=1)]:
         with pytest.raises(ValueError):
             get_method("agent").resolve_options("sd", bad)
+    with pytest.raises(ValueError, match="agent attention would never run; agent_ratio must exceed 0.700"):
+        get_method("agent").resolve_options("sd", dict(agent_ratio=0.7))     # 0.3 agents vs 0.6 tokens
+    with pytest.raises(ValueError, match="at most 0.750, the sources of agent_stride 2"):
+        get_method("agent").resolve_options("sd", dict(agent_stride=2, merge_ratio=0.6))
+    get_method("agent").resolve_options("sd", dict(agent_ratio=0.71))
+    get_method("agent").resolve_options("sd", dict(agent_ratio=0.5, agent_source="pool"))   # pooled: unused
 
 
 # --- ToDo (the peer in processors/todo.py) --------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("mode", ["nearest", "avg"])
-def test_todo_matches_dense_downsampled_attention(mode):
+def test_todo_matches_dense_downsampled_attention(mode, dtype, tol):
     torch.manual_seed(6)
     attn, site = _site()
+    attn.to(dtype)
     method = get_method("todo")
     options = method.resolve_options("sd", {"factor": 2, "mode": mode})
     state = StepState(schedules={"steps": Schedule()})
     state.latent_hw = (8, 6)
     state.update(999.0, 0, 10, 0.0)
     attn.set_processor(method.make_processor(site, attn.processor, PatchRecord("todo", "sd", options, state)))
-    x = torch.randn(2, 48, 32)
+    x = torch.randn(2, 48, 32, dtype=dtype)
     with torch.no_grad():
         out = attn(x)
-        image = x.view(2, 8, 6, 32)
+        image = x.double().view(2, 8, 6, 32)
         if mode == "nearest":
             small = image[:, ::2, ::2]
         else:
             small = image.view(2, 4, 2, 3, 2, 32).mean(dim=(2, 4))
         small = small.reshape(2, 12, 32)
-        split = lambda z: z.view(2, -1, 4, 8).transpose(1, 2)  # noqa: E731
-        o = softmax_attention(split(attn.to_q(x)), split(attn.to_k(small)), split(attn.to_v(small)), 8**-0.5)
-        expected = attn.to_out[0](o.transpose(1, 2).reshape(2, 48, 32))
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+        expected = torch.stack([_row_attention(attn, x[b].double(), small[b]) for b in range(2)])
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
 
 def test_min_tokens_places_agent_attention(pipeline_of, monkeypatch):
