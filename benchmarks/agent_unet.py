@@ -3,6 +3,7 @@
     python benchmarks/agent_unet.py                                  # every case below, CPU, fp32
     python benchmarks/agent_unet.py --cases sd15-512 sd15-1024 --repeats 2
     python benchmarks/agent_unet.py --device cuda --dtype float16    # on a GPU
+    python benchmarks/agent_unet.py --quick                          # smoke test: a tiny UNet, seconds
 
 Each case builds one UNet (SD 1.5: the default UNet2DConditionModel with cross_attention_dim 768,
 860M parameters; SDXL: the SDXL base config, 2.6B) with random weights — speed does not depend on
@@ -19,11 +20,12 @@ weights — and times one forward at batch 2 (a classifier-free-guidance step) f
     tomesd         tomesd.apply_patch(unet, ratio=0.5) (SDXL: max_downsample=2, else it does nothing)
     todo           K/V downsampled 2x on the grid (ToDo), same layers as agent
 
-Configurations are timed round-robin, `--repeats` times, keeping each one's fastest run, so slow
-drifts of machine load hit all of them alike. Reported: time, speed-up over stock, peak memory
-above the pre-forward baseline (CUDA: max_memory_allocated; CPU: sampled RSS), and the relative
-L2 deviation of the UNet output from stock. Results accumulate in a JSON file (one entry per
-case, each measured in one run) from which the markdown table is rewritten.
+Configurations are timed with benchmarks/harness.py: `--warmup` untimed rounds, then `--repeats`
+round-robin rounds, so slow drifts of machine load hit all of them alike; the median of the rounds
+with [min, max]. Reported: time, speed-up over stock (ratio of medians), peak memory above the
+pre-forward level (harness.PeakMemory: CUDA max_memory_allocated; CPU the resident-set high-water
+mark), and the relative L2 deviation of the UNet output from stock. Results accumulate in a JSON
+file (one entry per case, each measured in one run) from which the markdown table is rewritten.
 """
 
 from __future__ import annotations
@@ -33,21 +35,18 @@ import contextlib
 import datetime
 import gc
 import json
-import os
-import platform
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
 
 import diffusers_ext as dx
+import harness
 
-HERE = Path(__file__).parent
 CASES = {  # name -> (architecture, image side in pixels)
     "sd15-512": ("sd15", 512), "sd15-1024": ("sd15", 1024), "sd15-2048": ("sd15", 2048), "sdxl-1024": ("sdxl", 1024),
 }
+QUICK_CASES = {"tiny-128": ("tiny", 128)}  # --quick: diffusers_ext.testing's tiny SD UNet, text width 768
 EARLY_T, LATE_T = 999.0, 400.0   # a bare UNet places t in [0, 1000): t=400 is at 60 % of the run
 
 
@@ -55,6 +54,10 @@ def build_unet(arch: str):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
+    if arch == "tiny":
+        from diffusers_ext.testing import tiny_sd_unet
+
+        return tiny_sd_unet(cross_attention_dim=768)
     if arch == "sd15":
         return UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
     return UNet2DConditionModel(
@@ -70,7 +73,7 @@ def make_inputs(arch: str, side: int, device, dtype, batch: int = 2):
     g = torch.Generator().manual_seed(1)
     latent = side // 8
     kwargs = dict(sample=torch.randn(batch, 4, latent, latent, generator=g),
-                  encoder_hidden_states=torch.randn(batch, 77, 768 if arch == "sd15" else 2048, generator=g))
+                  encoder_hidden_states=torch.randn(batch, 77, 2048 if arch == "sdxl" else 768, generator=g))
     if arch == "sdxl":
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, generator=g),
                                        "time_ids": torch.tensor([[side, side, 0, 0, side, side]] * batch, dtype=torch.float32)}
@@ -78,50 +81,16 @@ def make_inputs(arch: str, side: int, device, dtype, batch: int = 2):
             for k, v in kwargs.items()}
 
 
-class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocator stats, or RSS sampled every 2 ms."""
-
-    def __init__(self, device):
-        self.device, self.peak = device, 0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-            return self
-        self._base, self._max, self._stop = self._rss(), 0, False
-
-        def sample():
-            while not self._stop:
-                self._max = max(self._max, self._rss())
-                time.sleep(0.002)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self._base
-        else:
-            self._stop = True
-            self._thread.join()
-            self.peak = max(self._max, self._rss()) - self._base
-        return False
+def timestep(name: str) -> float:
+    """agent-late is AgentSD's late phase: it runs (and is compared with stock) at the late timestep."""
+    return LATE_T if name == "agent-late" else EARLY_T
 
 
 @contextlib.contextmanager
 def configured(unet, name: str):
     """Apply one configuration to the bare UNet for the duration of the block."""
     if name == "stock":
-        yield EARLY_T
+        yield
     elif name == "tomesd":
         import tomesd
 
@@ -130,19 +99,17 @@ def configured(unet, name: str):
         sdxl = unet.config.addition_embed_type == "text_time"
         tomesd.apply_patch(unet, ratio=0.5, max_downsample=2 if sdxl else 1)
         try:
-            yield EARLY_T
+            yield
         finally:
             tomesd.remove_patch(unet)
     else:
-        options, timestep = {
-            "agent-early": ({}, EARLY_T), "agent-late": ({}, LATE_T),
-            "agent-pool": ({"agent_source": "pool"}, EARLY_T),
-            "agent-nomerge": ({"merge_ratio": 0.0}, EARLY_T),
-            "agent-l0": ({"max_downsample": 1, "min_tokens": 1}, EARLY_T),
-            "todo": (None, EARLY_T),
+        options = {
+            "agent-early": {}, "agent-late": {}, "agent-pool": {"agent_source": "pool"},
+            "agent-nomerge": {"merge_ratio": 0.0}, "agent-l0": {"max_downsample": 1, "min_tokens": 1},
+            "todo": None,
         }[name]
         with dx.patched(unet, "todo") if options is None else dx.patched(unet, "agent", **options):
-            yield timestep
+            yield
 
 
 def forward(unet, inputs, timestep: float, device):
@@ -151,109 +118,98 @@ def forward(unet, inputs, timestep: float, device):
     return unet(inputs["sample"], torch.tensor(timestep, device=device), **rest, return_dict=False)[0]
 
 
-def run_case(case: str, configs: list[str], repeats: int, device, dtype) -> dict:
-    arch, side = CASES[case]
+def run_case(case: str, configs: list[str], repeats: int, warmup: int, device, dtype) -> dict:
+    arch, side = {**CASES, **QUICK_CASES}[case]
     unet = build_unet(arch).to(device, dtype).eval()
     inputs = make_inputs(arch, side, device, dtype)
-    best, memory, outputs = {}, {}, {}
+    calls = {name: (lambda name=name: forward(unet, inputs, timestep(name), device)) for name in configs}
     with torch.no_grad():
-        for repeat in range(repeats):
-            for name in configs:
-                with configured(unet, name) as timestep:
-                    gc.collect()
-                    with PeakMemory(device) as mem:
-                        start = time.perf_counter()
-                        out = forward(unet, inputs, timestep, device)
-                        if device.type == "cuda":
-                            torch.cuda.synchronize()
-                        elapsed = time.perf_counter() - start
-                best[name] = min(best.get(name, float("inf")), elapsed)
-                memory[name] = max(memory.get(name, 0), mem.peak)
-                outputs.setdefault(name, out.float().cpu())
-                print(f"  {case} {name:14s} repeat {repeat}: {elapsed:8.2f} s", flush=True)
-    # the stock reference output at the late timestep, for agent-late's deviation
-    late_stock = None
-    if "agent-late" in configs:
-        with torch.no_grad():
-            late_stock = forward(unet, inputs, LATE_T, device).float().cpu()
-    rows = {}
+        timings = harness.interleaved(calls, repeats, warmup, device=device, memory=True, label=f"{case} ",
+                                      context=lambda name: configured(unet, name))
+        # the stock reference output at the late timestep, for agent-late's deviation
+        late_stock = forward(unet, inputs, LATE_T, device).float().cpu() if "agent-late" in configs else None
+    outputs = {name: timings[name].value.float().cpu() for name in configs}
+    deviation = {}
     for name in configs:
         reference = late_stock if name == "agent-late" else outputs["stock"]
-        deviation = float((outputs[name] - reference).norm() / reference.norm())
-        rows[name] = {"seconds": best[name], "speedup": best["stock"] / best[name],
-                      "peak_mib": memory[name] / 2**20, "rel_l2": deviation}
-    if "agent-early" in rows and "agent-late" in rows:
-        seconds = 0.4 * best["agent-early"] + 0.6 * best["agent-late"]
-        rows["agent-recipe"] = {"seconds": seconds, "speedup": best["stock"] / seconds,
-                                "peak_mib": max(rows["agent-early"]["peak_mib"], rows["agent-late"]["peak_mib"]),
-                                "rel_l2": 0.4 * rows["agent-early"]["rel_l2"] + 0.6 * rows["agent-late"]["rel_l2"]}
-    return {"case": case, "arch": arch, "side": side, "batch": 2, "repeats": repeats, "rows": rows}
+        deviation[name] = float((outputs[name] - reference).norm() / reference.norm())
+    if "agent-early" in timings and "agent-late" in timings:
+        parts = [(timings["agent-early"], 0.4), (timings["agent-late"], 0.6)]
+        timings["agent-recipe"] = harness.weighted("agent-recipe", parts)
+        deviation["agent-recipe"] = 0.4 * deviation["agent-early"] + 0.6 * deviation["agent-late"]
+    stock = timings["stock"]
+    rows = {name: {"seconds": t.median, "seconds_min": t.min, "seconds_max": t.max, "speedup": t.speedup_over(stock),
+                   "peak_mib": t.peak_bytes / 2**20, "rel_l2": deviation[name]}
+            for name, t in timings.items()}
+    return {"case": case, "arch": arch, "side": side, "batch": 2, "repeats": repeats, "warmup": warmup, "rows": rows}
 
 
 ORDER = ["stock", "agent-early", "agent-late", "agent-recipe", "agent-pool", "agent-nomerge", "agent-l0", "tomesd",
          "todo"]
 
 
-def write_table(results: dict, path: Path, meta: dict) -> None:
+def write_table(results: dict, path, run_header: list[str]) -> None:
+    legacy = any("seconds_min" not in r for e in results.values() for r in e["rows"].values())
     lines = [
-        "# Agent attention on SD UNets: one denoising step (batch 2), random weights",
-        "",
-        f"Machine: {meta['machine']}; device {meta['device']}, dtype {meta['dtype']}; torch {meta['torch']}.",
-        "Command: `" + meta["command"] + "` (each case measured in one run; cases may come from separate runs,",
-        "dates below). Speed-up = stock time / configuration time, fastest of the repeats, round-robin.",
-        "agent-recipe = 0.4 x agent-early + 0.6 x agent-late (AgentSD's 40 % / 60 % split of the run).",
+        *run_header,
+        "Each case is measured in one run; cases may come from separate runs (dates below, the JSON keeps each",
+        "case's command). Speed-up = stock time / configuration time (medians of the same run).",
+        "agent-recipe = 0.4 x agent-early + 0.6 x agent-late (AgentSD's 40 % / 60 % split of the run), round by round.",
         "rel. L2 = ||out - stock|| / ||stock|| of the UNet output (random weights: a measure of how far",
         "the approximation moves the function, not of image quality). Peak = memory above the",
-        "pre-forward level (CPU: sampled RSS).",
+        "pre-forward level (CPU: resident-set high-water mark).",
+        *(["Times without [min, max] come from earlier runs that kept the fastest of the repeats."] if legacy else []),
         "",
-        "| case | configuration | time (s) | speed-up | peak (MiB) | rel. L2 vs stock | measured |",
-        "|---|---|---:|---:|---:|---:|---|",
     ]
-    for case in CASES:
+    rows = []
+    for case in {**CASES, **QUICK_CASES}:
         if case not in results:
             continue
         entry = results[case]
         for name in ORDER:
             if name in entry["rows"]:
                 r = entry["rows"][name]
-                lines.append(f"| {case} | {name} | {r['seconds']:.2f} | {r['speedup']:.2f}x | {r['peak_mib']:.0f} | "
-                             f"{r['rel_l2']:.4f} | {entry['date']} |")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+                seconds = (harness.spread(r["seconds"], r["seconds_min"], r["seconds_max"]) if "seconds_min" in r
+                           else f"{r['seconds']:.2f}")
+                rows.append([case, name, seconds, f"{r['speedup']:.2f}x", f"{r['peak_mib']:.0f}", f"{r['rel_l2']:.4f}",
+                             entry["date"]])
+    lines += harness.markdown_table(["case", "configuration", "time (s)", "speed-up", "peak (MiB)",
+                                     "rel. L2 vs stock", "measured"], rows)
+    harness.write_atomic(path, "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=[*CASES, *QUICK_CASES])
     parser.add_argument("--configs", nargs="+", default=[c for c in ORDER if c != "agent-recipe"])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed round-robin rounds")
+    harness.add_warmup_argument(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--json", default=str(HERE / "results" / "agent_unet.json"))
-    parser.add_argument("--out", default=str(HERE / "results" / "agent_unet.md"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--json", default=None, help="the accumulated results (default: the --output stem + .json)")
+    harness.add_output_argument(parser, harness.RESULTS / "agent_unet", "--out")
+    harness.add_quick_argument(parser, f"case {', '.join(QUICK_CASES)} (a tiny UNet), 1 round after 1 warm-up")
+    args = harness.apply_quick(parser, parser.parse_args(argv), cases=list(QUICK_CASES), repeats=1)
     if "stock" not in args.configs:
         parser.error("--configs must include stock (the reference)")
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    json_path = Path(args.json)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path = Path(args.json) if args.json else harness.output_path(args, ".json")
+    md_path = harness.output_path(args, ".md")
     results = json.loads(json_path.read_text()) if json_path.exists() else {}
-    meta = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-        if device.type == "cpu" else torch.cuda.get_device_name(),
-        "device": args.device, "dtype": args.dtype, "torch": torch.__version__,
-        "command": "python benchmarks/agent_unet.py " + " ".join(sys.argv[1:] if argv is None else argv),
-    }
+    run_header = harness.header("Agent attention on SD UNets: one denoising step (batch 2), random weights",
+                                __file__, argv=argv, device=device, dtype=dtype,
+                                statistic=harness.statistic(args.repeats, args.warmup))
     for case in args.cases:
         print(f"case {case}", flush=True)
-        entry = run_case(case, args.configs, args.repeats, device, dtype)
-        entry["date"] = datetime.date.today().isoformat()
-        entry.update({k: meta[k] for k in ("device", "dtype", "command")})
+        entry = run_case(case, args.configs, args.repeats, args.warmup, device, dtype)
+        entry.update(date=datetime.date.today().isoformat(), device=args.device, dtype=args.dtype,
+                     command=harness.command(__file__, argv))
         results[case] = entry
-        json_path.write_text(json.dumps(results, indent=2))
-        write_table(results, Path(args.out), meta)
+        harness.write_json(json_path, results)
+        write_table(results, md_path, run_header)
         gc.collect()
-    print(Path(args.out).read_text())
+    print(md_path.read_text())
     return 0
 
 

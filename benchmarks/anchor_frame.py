@@ -2,12 +2,14 @@
 
     python benchmarks/anchor_frame.py                                   # 256 x 256, 8 frames, CPU fp32
     python benchmarks/anchor_frame.py --size 512 --frames 16 --device cuda --dtype float16
+    python benchmarks/anchor_frame.py --quick                           # smoke test: a tiny UNet, seconds
 
 The real AnimateDiff architecture with random weights (speed does not depend on weights): the SD 1.5
 UNet (UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8), 860M parameters) plus a
 MotionAdapter with the default config (mm_sd_v15_v2-like: 4 levels, 2 motion layers per block, motion
-mid block). One forward of one video (`--videos 2` for a classifier-free-guidance step), timed
-round-robin over the configurations `--repeats` times, keeping each one's fastest run:
+mid block). One forward of one video (`--videos 2` for a classifier-free-guidance step), timed with
+benchmarks/harness.py: `--warmup` untimed rounds, then `--repeats` round-robin rounds over the
+configurations; the median of the rounds with [min, max]:
 
     stock            diffusers' AnimateDiff
     anchor-concat    anchor K/V appended to every frame's own (weight 1) + ghost motion modules
@@ -21,13 +23,11 @@ Writes benchmarks/results/anchor_frame.md (table, command, machine).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import sys
-import time
-from pathlib import Path
+import contextlib
 
 import torch
+
+import harness
 
 CONFIGS = {
     "stock": None,
@@ -43,10 +43,14 @@ class _Pipe:  # the least a pipeline needs for enable_anchor_frame: a `unet`
         self.unet = unet
 
 
-def build(device, dtype):
+def build(device, dtype, tiny: bool = False):
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
     torch.manual_seed(0)
+    if tiny:  # --quick: diffusers_ext.testing's tiny AnimateDiff UNet (cross-attention width 32)
+        from diffusers_ext.testing import tiny_pipeline
+
+        return tiny_pipeline("animatediff").unet.to(device=device, dtype=dtype).eval()
     unet = UNetMotionModel.from_unet2d(UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8),
                                        MotionAdapter())
     return unet.to(device=device, dtype=dtype).eval()
@@ -57,72 +61,58 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size / 8)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--videos", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed round-robin rounds")
+    harness.add_warmup_argument(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "anchor_frame.md"))
-    args = parser.parse_args(argv)
+    harness.add_output_argument(parser, harness.RESULTS / "anchor_frame.md", "--out")
+    harness.add_quick_argument(parser, "a tiny AnimateDiff UNet, 64 x 64, 2 frames, 1 round after 1 warm-up")
+    args = harness.apply_quick(parser, parser.parse_args(argv), size=64, frames=2, repeats=1)
 
     from diffusers_ext.pipelines.animatediff_anchor import disable_anchor_frame, enable_anchor_frame
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    unet = build(device, dtype)
+    unet = build(device, dtype, tiny=args.quick)
     pipe = _Pipe(unet)
     side = args.size // 8
     gen = torch.Generator().manual_seed(0)
     sample = torch.randn(args.videos, 4, args.frames, side, side, generator=gen).to(device, dtype)
-    text = torch.randn(args.videos * args.frames, 77, 768, generator=gen).to(device, dtype)
+    text = torch.randn(args.videos * args.frames, 77, unet.config.cross_attention_dim, generator=gen).to(device, dtype)
 
     def forward():
         with torch.no_grad():
-            out = unet(sample, 500, encoder_hidden_states=text).sample
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out
+            return unet(sample, 500, encoder_hidden_states=text).sample
 
-    forward()  # warm-up
-    best, outputs = {name: float("inf") for name in CONFIGS}, {}
-    for repeat in range(args.repeats):
-        for name, options in CONFIGS.items():
-            if options is not None:
-                enable_anchor_frame(pipe, **options)
-            start = time.perf_counter()
-            outputs[name] = forward().float().cpu()
-            best[name] = min(best[name], time.perf_counter() - start)
-            if options is not None:
-                disable_anchor_frame(pipe)
-            print(f"repeat {repeat} {name}: {best[name]:.2f} s", file=sys.stderr, flush=True)
+    @contextlib.contextmanager
+    def configured(name):
+        if CONFIGS[name] is None:
+            yield
+            return
+        enable_anchor_frame(pipe, **CONFIGS[name])
+        try:
+            yield
+        finally:
+            disable_anchor_frame(pipe)
 
-    stock = outputs["stock"]
+    timings = harness.interleaved({name: forward for name in CONFIGS}, args.repeats, args.warmup, device=device,
+                                  context=configured)
+    stock = timings["stock"]
     rows = []
-    for name in CONFIGS:
-        deviation = ((outputs[name] - stock).norm() / stock.norm()).item()
-        rows.append(f"| {name} | {best[name]:.2f} | {best[name] / best['stock']:.3f} | {deviation:.3f} |")
-    command = "python benchmarks/anchor_frame.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    machine = (f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
-               f"torch {torch.__version__}, device {args.device}")
-    if device.type == "cuda":
-        machine += f" ({torch.cuda.get_device_name()})"
-    if hasattr(os, "getloadavg"):
-        machine += f"; load average at the end {os.getloadavg()[0]:.1f} (other processes share the CPU)"
-    table = "\n".join([
-        "# FAAC anchor frame: cost per denoising step (one UNetMotionModel forward)",
-        "",
-        f"SD 1.5 UNet + default MotionAdapter (mm_sd_v15_v2-like), random weights, {args.size}x{args.size}, "
-        f"{args.frames} frames, {args.videos} video(s) per forward, {args.dtype}; fastest of {args.repeats} "
-        "round-robin runs.",
-        "",
-        "| configuration | s / step | x stock | rel. L2 deviation of eps from stock |",
-        "|---|---|---|---|",
-        *rows,
-        "",
-        f"Command: `{command.strip()}`",
-        "",
-        f"Machine: {machine}",
-        "",
-    ])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table)
+    for name, t in timings.items():
+        out, ref = t.value.float().cpu(), stock.value.float().cpu()
+        deviation = ((out - ref).norm() / ref.norm()).item()
+        rows.append([name, t.cell(), f"{t.median / stock.median:.3f}", f"{deviation:.3f}"])
+    model = ("tiny AnimateDiff UNet (diffusers_ext.testing)" if args.quick else
+             "SD 1.5 UNet + default MotionAdapter (mm_sd_v15_v2-like)")
+    lines = harness.header(
+        "FAAC anchor frame: cost per denoising step (one UNetMotionModel forward)", __file__, argv=argv,
+        device=device, dtype=dtype, statistic=harness.statistic(args.repeats, args.warmup),
+        extra=[f"{model}, random weights, {args.size}x{args.size}, {args.frames} frames, {args.videos} video(s) "
+               "per forward; x stock = configuration median / stock median."])
+    lines += harness.markdown_table(["configuration", "s / step", "x stock", "rel. L2 deviation of eps from stock"],
+                                    rows)
+    table = "\n".join(lines) + "\n"
+    harness.write_atomic(harness.output_path(args, ".md"), table)
     print(table)
 
 

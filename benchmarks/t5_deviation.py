@@ -3,19 +3,17 @@ relative deviation sum||patched - stock||^2 / sum||stock||^2 of the denoiser out
 after a short distillation (`diffusers_ext.distill`, same steps and lr for every row).
 
     python benchmarks/t5_deviation.py [--steps 60]
+    python benchmarks/t5_deviation.py --quick       # smoke test: 2 rows, 2 steps
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results" / "t5_deviation.md"
+import harness
 PROMPTS = ["a cat", "a dog on a hill", "a red car at night", "a bowl of fruit", "a mountain lake"]
 ROWS = [
     ("sd35", {}), ("sd35", {"text_tokens": "ttt"}), ("sd35", {"dual_attention": False}),
@@ -24,26 +22,29 @@ ROWS = [
 ]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=3e-2)
-    parser.add_argument("--output", default=str(RESULTS))
-    args = parser.parse_args()
+    harness.add_output_argument(parser, harness.RESULTS / "t5_deviation.md")
+    harness.add_quick_argument(parser, "the first row of each model, 2 steps")
+    args = harness.apply_quick(parser, parser.parse_args(argv), steps=2)
+    rows = [next(r for r in ROWS if r[0] == f) for f in ("sd35", "dit")] if args.quick else ROWS
     torch.set_num_threads(1)
     from accelerate.state import AcceleratorState
 
     from diffusers_ext.distill import DistillConfig, Distiller
     from diffusers_ext.testing import tiny_pipeline
 
-    lines = ["# T^5 deviation from the original model, before / after distillation (tiny models)", "",
-             f"Command: `python benchmarks/t5_deviation.py {' '.join(sys.argv[1:])}`  ",
-             f"Machine: {platform.machine()}, CPU, 1 thread, torch {torch.__version__}. Tiny random-weight models "
-             f"from `diffusers_ext.testing` (SD3.5 flavour: 2 blocks, block 0 dual-attention, latent 8x8; DiT: 2 "
-             f"blocks, 8x8 tokens); {args.steps} steps, lr {args.lr}, batch 2, noise latents; deviation on 2 fixed "
-             "held-out batches. Defaults: text_tokens=softmax, dual_attention=True, inner_init_std=0.02, conv_init=zero.",
-             "", "| model | options | deviation before | after | reduction | seconds |", "|---|---|---|---|---|---|"]
-    for family, options in ROWS:
+    lines = harness.header(
+        "T^5 deviation from the original model, before / after distillation (tiny models)", __file__, argv=argv,
+        device="cpu", dtype=torch.float32, extra=[
+            "Tiny random-weight models from `diffusers_ext.testing` (SD3.5 flavour: 2 blocks, block 0 dual-attention, "
+            f"latent 8x8; DiT: 2 blocks, 8x8 tokens); {args.steps} steps, lr {args.lr}, batch 2, noise latents; "
+            "deviation on 2 fixed held-out batches. Defaults: text_tokens=softmax, dual_attention=True, "
+            "inner_init_std=0.02, conv_init=zero. seconds: wall time of the row's distillation (one run)."])
+    lines += ["| model | options | deviation before | after | reduction | seconds |", "|---|---|---|---|---|---|"]
+    for family, options in rows:
         AcceleratorState._reset_state(True)
         pipe = tiny_pipeline(family)
         extra = {"prompts": PROMPTS} if family != "dit" else {}
@@ -57,8 +58,8 @@ def main():
                      f"{result.deviation_after:.3e} | {result.deviation_before / result.deviation_after:.1f}x | "
                      f"{seconds:.1f} |")
         print(lines[-1], flush=True)
-    Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"wrote {args.output}")
+    output = harness.write_atomic(harness.output_path(args, ".md"), "\n".join(lines) + "\n")
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":
