@@ -105,6 +105,7 @@ def configured(unet, name: str):
     else:
         options = {
             "agent-early": {}, "agent-late": {}, "agent-pool": {"agent_source": "pool"},
+            "agent-attninput": {"merge_metric": "attention_input"},   # ToMe match after norm1 (before AgentSD's)
             "agent-nomerge": {"merge_ratio": 0.0}, "agent-l0": {"max_downsample": 1, "min_tokens": 1},
             "todo": None,
         }[name]
@@ -144,8 +145,8 @@ def run_case(case: str, configs: list[str], repeats: int, warmup: int, device, d
     return {"case": case, "arch": arch, "side": side, "batch": 2, "repeats": repeats, "warmup": warmup, "rows": rows}
 
 
-ORDER = ["stock", "agent-early", "agent-late", "agent-recipe", "agent-pool", "agent-nomerge", "agent-l0", "tomesd",
-         "todo"]
+ORDER = ["stock", "agent-early", "agent-attninput", "agent-late", "agent-recipe", "agent-pool", "agent-nomerge",
+         "agent-l0", "tomesd", "todo"]
 
 
 def write_table(results: dict, path, run_header: list[str]) -> None:

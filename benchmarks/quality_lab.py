@@ -43,8 +43,10 @@ CONFIGS = {  # name -> (method, options)
     "mediators n=64": ("mediator", dict(mediators=64)),
     "mediators 16->64": ("mediator", dict(mediators=(16, 64))),
     "VCA 64": ("vca", dict(tokens=64)),
-    "LINA": ("lina", {}),
-    "T^5": ("t5", {}),
+    "LINA": ("lina", {}),                               # released layout: encoder half without gate / conv
+    "LINA (every block gated)": ("lina", dict(layout="gated")),
+    "T^5": ("t5", {}),                                  # released mixed attention: 0.5 NA 5x5 + 0.5 TTT
+    "T^5 (TTT only)": ("t5", dict(local="none")),
 }
 QUICK_REFERENCE = 10  # --quick: FID against the first 10 training digits only, and
 QUICK_SAMPLING = dict(num_inference_steps=2)  # 2 sampling steps instead of 12
