@@ -1,0 +1,35 @@
+"""`python -m diffusers_ext.lab train {dit,unet,classifier} --out DIR [--minutes M] [--resume]`."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .train import DEFAULTS, KINDS, train, with_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffusers_ext.lab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("train", help="train one lab II model into --out, checkpointing (resumable)")
+    run.add_argument("kind", choices=KINDS)
+    run.add_argument("--out", required=True, help="run folder: checkpoint.pt, weights.safetensors, record.json")
+    run.add_argument("--minutes", type=float, default=None, help="stop this call after M minutes (default: to the end)")
+    run.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    run.add_argument("--steps", type=int, default=None, help="schedule length (a new run only; default per kind)")
+    run.add_argument("--threads", type=int, default=1, help="torch threads (default 1: share the CPU)")
+    args = parser.parse_args(argv)
+    if args.minutes is not None and args.minutes <= 0:
+        parser.error("--minutes must be > 0")
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be >= 1")
+    torch.set_num_threads(args.threads)
+    config = with_config(args.kind, steps=args.steps) if args.steps else DEFAULTS[args.kind]
+    train(args.kind, args.out, minutes=args.minutes, resume=args.resume, config=config,
+          log=lambda line: print(line, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Quality lab II (diffusers_ext/lab): the glyph data, the models' token counts, resumable training."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffusers_ext as dx
+from diffusers_ext.lab import data, models
+from diffusers_ext.lab import train as lab_train
+
+FONTS = data.font_files()
+NOTO_ARABIC = "/usr/share/fonts/truetype/noto/NotoSansArabic-Regular.ttf"   # digits, no Latin letters
+DEJAVU = [p for p in FONTS if "/dejavu/DejaVuSans" in p][:3]
+needs_fonts = pytest.mark.skipif(len(FONTS) < 300 or not Path(NOTO_ARABIC).is_file(),
+                                 reason="the lab fonts are not installed (bash setup.sh)")
+TINY = {  # one-block / few-channel versions of the three models
+    "dit": dict(num_layers=1, num_attention_heads=1, attention_head_dim=16),
+    "unet": dict(block_out_channels=(32, 32, 32), attention_head_dim=1, cross_attention_dim=32),
+    "classifier": dict(width=8),
+}
+
+
+@pytest.fixture(scope="module")
+def glyphs():
+    return data.load_glyphs()
+
+
+@pytest.fixture(scope="module")
+def small():
+    if len(DEJAVU) < 3:
+        pytest.skip("needs Debian's fonts-dejavu-core (bash setup.sh)")
+    return data.load_glyphs(DEJAVU)
+
+
+@needs_fonts
+def test_data_classes_fonts_and_split(glyphs):
+    stats = glyphs.stats()
+    assert data.CLASSES == tuple("0123456789") + tuple(chr(c) for c in range(ord("A"), ord("Z") + 1))
+    # the set-up's packages give 115 usable fonts (docs/lab.md), 36 images each, 4 held-out designs
+    assert (stats["fonts"], stats["images"]) == (115, 115 * 36)
+    assert glyphs.images.shape == (115 * 36, 1, 32, 32) and glyphs.images.dtype == torch.float32
+    assert glyphs.images.min() >= -1 and glyphs.images.max() <= 1
+    for f in range(len(glyphs.fonts)):                       # every font has every class exactly once
+        assert sorted(glyphs.labels[glyphs.font == f].tolist()) == list(range(36))
+    held = {glyphs.fonts[i].group for i in glyphs.font[glyphs.held_out].tolist()}
+    train = {glyphs.fonts[i].group for i in glyphs.font[~glyphs.held_out].tolist()}
+    assert held == set(data.HELD_OUT) and not held & train
+    assert {f.family for f in glyphs.fonts if f.group == "Nimbus Sans"} >= {"FreeSans", "Nimbus Sans"}
+    assert stats["held_out_images"] == 900 and stats["train_images"] == 3240
+    assert [f.path for f in glyphs.fonts] == sorted(f.path for f in glyphs.fonts)
+
+
+def test_data_is_deterministic(small):
+    again = data.load_glyphs(list(reversed(DEJAVU)))         # order of the paths does not matter
+    assert again.fingerprint() == small.fingerprint()
+    assert torch.equal(again.images, small.images)
+
+
+def test_glyphs_are_centred_and_fill_the_glyph_box(small):
+    ink = (small.images[:, 0] > 0)                            # (N, 32, 32)
+    rows, cols = ink.any(2), ink.any(1)
+    heights = rows.sum(1).view(-1, 36).max(1).values          # tallest glyph of each font
+    assert ((heights >= data.GLYPH_BOX[0] - 2) & (heights <= data.GLYPH_BOX[0] + 1)).all()
+    ys = torch.arange(32.0)
+    centre = (rows * ys).sum(1) / rows.sum(1)                 # centre of the ink rows, one per image
+    assert ((centre - 15.5).abs() <= 1.0).all()
+
+
+@needs_fonts
+def test_a_font_missing_glyphs_is_skipped():
+    assert data.missing_glyph(NOTO_ARABIC) == "A"             # has 0-9, not the Latin capitals
+    assert data.missing_glyph(DEJAVU[0]) is None
+    kept = data.load_glyphs([NOTO_ARABIC, *DEJAVU[:1]])
+    assert [f.path for f in kept.fonts] == DEJAVU[:1]
+    assert kept.skipped == [(NOTO_ARABIC, "lacks 'A'")]
+    symbol = [p for p in FONTS if p.endswith("StandardSymbolsPS.otf")]
+    assert data.load_glyphs(symbol + DEJAVU[:1]).skipped == [(symbol[0], "symbol font")]
+
+
+def test_batches_are_a_function_of_seed_and_step(small):
+    images, labels = small.split(held_out=False)
+    a = data.batch_at(images, labels, 8, step=5, seed=1)
+    b = data.batch_at(images, labels, 8, step=5, seed=1)
+    c = data.batch_at(images, labels, 8, step=6, seed=1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    per_epoch = len(images) // 8                              # one epoch visits distinct images
+    seen = torch.cat([data.batch_at(images, torch.arange(len(images)), 8, s, 1)[1] for s in range(per_epoch)])
+    assert len(set(seen.tolist())) == per_epoch * 8
+
+
+@pytest.mark.parametrize("kind", lab_train.KINDS)
+def test_training_resumes_bit_exactly(kind, small, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train_twice(kind, small, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_twice(kind, small, tmp_path):
+    """3 steps in one go and 1 + 2 with a resume between: identical models, EMA, optimizer, export."""
+    config = lab_train.with_config(kind, steps=3, batch_size=4, warmup=1)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    lab_train.train(kind, whole, config=config, model_overrides=TINY[kind], glyphs=small, log=lambda _: None)
+    lab_train.train(kind, split, config=config, model_overrides=TINY[kind], glyphs=small, stop_at_step=1,
+                    log=lambda _: None)
+    first = torch.load(split / "checkpoint.pt", weights_only=False)
+    assert first["record"]["step"] == 1
+    with pytest.raises(FileExistsError, match="--resume"):
+        lab_train.train(kind, split, config=config, glyphs=small, log=lambda _: None)
+    lab_train.train(kind, split, resume=True, glyphs=small, log=lambda _: None)
+    a = torch.load(whole / "checkpoint.pt", weights_only=False)
+    b = torch.load(split / "checkpoint.pt", weights_only=False)
+    assert a["record"]["step"] == b["record"]["step"] == 3
+    for part in ("model", "ema"):
+        if a[part] is None:
+            continue
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+        assert not all(torch.equal(a[part][k], first[part][k]) for k in a[part])   # steps 2, 3 changed it
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(state_a[i]["exp_avg_sq"], state_b[i]["exp_avg_sq"]) for i in state_a)
+    exported = lab_train.load_weights(kind, split)
+    expected = b["ema"] if b["ema"] is not None else b["model"]
+    assert all(torch.equal(v, expected[k]) for k, v in exported.state_dict().items())
+
+
+def _tokens_at(model, names, call):
+    """{attention module name: tokens of its input} for one call."""
+    seen, handles = {}, []
+    modules = dict(model.named_modules())
+    for name in names:
+        def hook(module, args, kwargs, name=name):
+            seen[name] = (args[0] if args else kwargs["hidden_states"]).shape[1]
+
+        handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_dit_attends_over_1024_tokens():
+    model = models.glyph_transformer().eval()
+    assert model.config.num_layers == 6 and model.config.num_attention_heads * model.config.attention_head_dim == 96
+    names = [f"transformer_blocks.{i}.attn1" for i in range(model.config.num_layers)]
+    tokens = _tokens_at(model, names, lambda: model(torch.zeros(1, 1, 32, 32), timestep=torch.tensor([0.5]),
+                                                   class_labels=torch.tensor([3])))
+    assert set(tokens.values()) == {1024}
+    record = dx.patch(model, "mediator", mediators=16)
+    assert sorted(record.sites) == sorted(names)
+    dx.unpatch(model)
+
+
+def test_unet_finest_self_attention_has_1024_tokens_and_sd_methods_act_on_it():
+    unet = models.glyph_unet().eval()
+    finest = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    level0 = {n for n, _ in unet.named_modules()
+              if n.endswith("attn1") and n.startswith(("down_blocks.0.", "up_blocks.2."))}
+    assert len(level0) == 3                                   # 1 down + 2 up blocks at 32 x 32, as SD's finest level
+    prompt = models.ClassTokens(unet.config.cross_attention_dim)(torch.tensor([0, 36]))
+    assert prompt.shape == (2, models.CLASS_TOKENS, unet.config.cross_attention_dim)
+    call = lambda: unet(torch.zeros(2, 1, 32, 32), torch.tensor(500), encoder_hidden_states=prompt)  # noqa: E731
+    tokens = _tokens_at(unet, [*level0, finest.replace("attn1", "attn2")], call)
+    assert set(tokens.values()) == {1024} and len(tokens) == 4
+    stock = call().sample
+    for method in ("agent", "todo"):
+        record = dx.patch(unet, method)
+        assert record.family == "sd"
+        if method == "todo":                                  # ToDo: the finest level only (max_downsample 1)
+            assert set(record.sites) == level0
+        else:                                                 # agent: the finest level always acts
+            processors = record.processors()
+            assert level0 <= set(processors) and all(processors[s].finest for s in level0)
+        out = call().sample
+        assert out.shape == (2, 1, 32, 32) and torch.isfinite(out).all()
+        assert not torch.allclose(out, stock)                 # it acts on this model
+        dx.unpatch(unet)
+        assert torch.equal(call().sample, stock)
