@@ -96,7 +96,28 @@ def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generat
 
 # --- the classifier ---------------------------------------------------------------------------------------
 
-class DigitClassifier(nn.Module):
+class GreyImageClassifier(nn.Module):
+    """Base of the labs' classifiers: `forward` maps (B, 1, resolution, resolution) images in [-1, 1]
+    to logits; `predict` gives class ids in batches, in eval mode."""
+
+    resolution = RESOLUTION
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Class ids (B,) of images (B, 1 or 3, resolution, resolution) in [-1, 1] (3 channels are averaged)."""
+        if images.shape[1] == 3:
+            images = images.mean(dim=1, keepdim=True)
+        size = self.resolution
+        if images.shape[1:] != (1, size, size):
+            raise ValueError(f"the classifier takes (B, 1, {size}, {size}) images, got {tuple(images.shape)}")
+        was_training = self.training
+        self.eval()
+        out = torch.cat([self(chunk.float()).argmax(1) for chunk in images.split(batch_size)])
+        self.train(was_training)
+        return out
+
+
+class DigitClassifier(GreyImageClassifier):
     """A small CNN: (B, 1, 16, 16) images in [-1, 1] -> (B, 10) logits."""
 
     def __init__(self, width: int = 32):
@@ -111,19 +132,6 @@ class DigitClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """Class ids (B,) of images (B, 1 or 3, 16, 16) in [-1, 1] (3 channels are averaged)."""
-        if images.shape[1] == 3:
-            images = images.mean(dim=1, keepdim=True)
-        if images.shape[1:] != (1, RESOLUTION, RESOLUTION):
-            raise ValueError(f"the classifier takes (B, 1, {RESOLUTION}, {RESOLUTION}) images, got {tuple(images.shape)}")
-        was_training = self.training
-        self.eval()
-        out = torch.cat([self(chunk.float()).argmax(1) for chunk in images.split(batch_size)])
-        self.train(was_training)
-        return out
 
 
 def train_classifier(steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,

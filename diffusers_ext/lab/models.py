@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..digits import GreyImageClassifier
 from .data import NUM_CLASSES, RESOLUTION
 
 TRANSFORMER_CONFIG = dict(
@@ -70,8 +71,10 @@ class ClassTokens(nn.Module):
         return self.embedding(labels).view(-1, self.tokens, self.dim)
 
 
-class GlyphClassifier(nn.Module):
+class GlyphClassifier(GreyImageClassifier):
     """A small CNN: (B, 1, 32, 32) images in [-1, 1] -> (B, 36) logits."""
+
+    resolution = RESOLUTION
 
     def __init__(self, width: int = 32):
         super().__init__()
@@ -88,17 +91,3 @@ class GlyphClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """Class ids (B,) of images (B, 1 or 3, 32, 32) in [-1, 1] (3 channels are averaged)."""
-        if images.shape[1] == 3:
-            images = images.mean(dim=1, keepdim=True)
-        if images.shape[1:] != (1, RESOLUTION, RESOLUTION):
-            raise ValueError(f"the classifier takes (B, 1, {RESOLUTION}, {RESOLUTION}) images, "
-                             f"got {tuple(images.shape)}")
-        was_training = self.training
-        self.eval()
-        out = torch.cat([self(chunk.float()).argmax(1) for chunk in images.split(batch_size)])
-        self.train(was_training)
-        return out
