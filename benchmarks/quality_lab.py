@@ -28,16 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import diffusers_ext as dx
 import harness
 from diffusers_ext import digits
 from diffusers_ext.distill import DistillConfig, Distiller
-from diffusers_ext.eval.inception import InceptionNetwork, extract_features
-from diffusers_ext.eval.metrics import compute_statistics, frechet_distance
-from diffusers_ext.eval.sampling import to_uint8
+from study import RowCache, Scorer, file_digest, to_uint8_rgb
 
 CONFIGS = {  # name -> (method, options)
     "mediators n=64": ("mediator", dict(mediators=64)),
@@ -50,28 +47,6 @@ CONFIGS = {  # name -> (method, options)
 }
 QUICK_REFERENCE = 10  # --quick: FID against the first 10 training digits only, and
 QUICK_SAMPLING = dict(num_inference_steps=2)  # 2 sampling steps instead of 12
-
-
-def to_uint8_rgb(images: torch.Tensor) -> np.ndarray:
-    """(B, 1, H, W) in [-1, 1] -> uint8 (B, H, W, 3), quantised as the FID sampler does (`to_uint8`)."""
-    return to_uint8(((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
-
-
-class Scorer:
-    def __init__(self, reference: torch.Tensor, batch: int = 8):   # batch 8: fastest on a 2-core CPU
-        self.network = InceptionNetwork()
-        self.batch = batch
-        mu, sigma = compute_statistics(self.pool(reference, "reference"))
-        self.reference = (mu, sigma)
-
-    def pool(self, images: torch.Tensor, desc: str) -> np.ndarray:
-        arr = to_uint8_rgb(images)
-        chunks = (arr[i:i + self.batch] for i in range(0, len(arr), self.batch))
-        return extract_features(self.network, chunks, total=len(arr), desc=f"features {desc}")["pool"]
-
-    def fid(self, images: torch.Tensor, desc: str) -> float:
-        mu, sigma = compute_statistics(self.pool(images, desc))
-        return frechet_distance(mu, sigma, *self.reference)
 
 
 def time_denoisers(pipes: dict, batch: int, repeats: int, warmup: int) -> dict[str, harness.Timing]:
@@ -98,6 +73,10 @@ def main(argv=None) -> int:
     harness.add_warmup_argument(parser)
     parser.add_argument("--only", nargs="*", default=None, help="methods to run (default: all)")
     harness.add_output_argument(parser, harness.RESULTS / "quality_lab", "--out")
+    parser.add_argument("--cache", default="lab_runs/quality_lab_cache", metavar="DIR",
+                        help="finished rows (samples, metrics, fine-tuned weights) and fine-tune checkpoints: a "
+                             "stopped run resumes from them; timing is always measured afresh (default: %(default)s)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute every row, keep nothing")
     harness.add_quick_argument(parser, f"the mediator rows, 10 samples in 2 steps against {QUICK_REFERENCE} reference "
                                        "digits, 1 distillation step at batch 4, timing at batch 2, 1 round")
     args = harness.apply_quick(parser, parser.parse_args(argv), num=10, distill_steps=1, distill_batch=4, batch=2,
@@ -112,43 +91,71 @@ def main(argv=None) -> int:
     reference = data[:QUICK_REFERENCE] if args.quick else data
     sampling = {**digits.SAMPLING, **(QUICK_SAMPLING if args.quick else {})}
     scorer = Scorer(reference)
+    cache = RowCache(None if args.no_cache else args.cache)
+    model_digest = file_digest(digits.ASSETS / "transformer" / "diffusion_pytorch_model.safetensors")
+    common = dict(num=args.num, sampling=sampling, reference=len(reference), model=model_digest)
     rows, samples, pipes = [], {}, {}
 
-    def evaluate(name: str, method: str | None, mode: str, pipe, minutes: float | None, extra: dict):
-        start = time.perf_counter()
-        images = digits.generate(pipe, labels, seed=0, **sampling)
-        sample_minutes = (time.perf_counter() - start) / 60
+    def settings_of(name: str, method: str | None, options: dict, mode: str) -> dict:
+        tune = dict(distill_steps=args.distill_steps, distill_batch=args.distill_batch, lr=args.lr,
+                    inherited_lr=args.inherited_lr) if mode == "distilled" else {}
+        return dict(name=name, method=method, options=options, mode=mode, **common, **tune)
+
+    def evaluate(settings: dict, pipe, extra: dict):
+        """The row of `settings` (from the cache, else computed and cached); keeps its samples and pipe."""
+        name, method, mode = settings["name"], settings["method"], settings["mode"]
         key = f"{name} ({mode})" if method else name
+        cached = cache.load(settings)
+        if cached is not None:
+            row, images = cached
+            row.pop("settings", None)
+            print(f"{key}: from the cache", flush=True)
+        else:
+            start = time.perf_counter()
+            images = digits.generate(pipe, labels, seed=0, **sampling)
+            sample_minutes = (time.perf_counter() - start) / 60
+            stock = samples.get("stock", images)
+            row = dict(name=name, method=method, mode=mode, fid=scorer.fid(images, f"{name} {mode}"),
+                       accuracy=digits.class_accuracy(classifier, images, labels),
+                       deviation=float((images - stock).norm() / stock.norm()),
+                       sampling_minutes=sample_minutes, key=key, finetune_minutes=None)
+            row.update(extra)
+            cache.store(settings, row, images)
         samples[key], pipes[key] = images, pipe
-        stock = samples.get("stock", images)
-        row = dict(name=name, method=method, mode=mode, fid=scorer.fid(images, f"{name} {mode}"),
-                   accuracy=digits.class_accuracy(classifier, images, labels),
-                   deviation=float((images - stock).norm() / stock.norm()), finetune_minutes=minutes,
-                   sampling_minutes=sample_minutes, key=key, **extra)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    evaluate("stock", None, "", digits.digits_pipeline(), None, {})
+    evaluate(settings_of("stock", None, {}, ""), digits.digits_pipeline(), {})
     real = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:args.num]]
     floor = dict(fid_real_subset=scorer.fid(real, "real"),
                  classifier_held_out=json.loads((digits.ASSETS / "training.json").read_text())["classifier"]["held_out_accuracy"])
 
-    for name, (method, options) in CONFIGS.items():
-        if args.only and method not in args.only:
-            continue
-        pipe = digits.digits_pipeline()
-        dx.patch(pipe, method, **options)
-        evaluate(name, method, "training-free", pipe, None, {})
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, (method, options) in CONFIGS.items():
+            if args.only and method not in args.only:
+                continue
+            pipe = digits.digits_pipeline()
+            dx.patch(pipe, method, **options)
+            evaluate(settings_of(name, method, options, "training-free"), pipe, {})
 
-        pipe = digits.digits_pipeline()
-        with tempfile.TemporaryDirectory() as folder:
-            config = DistillConfig(output_dir=folder, batch_size=args.distill_batch, max_steps=args.distill_steps,
-                                   lr=args.lr, inherited_lr=args.inherited_lr, progress=True)
+            settings = settings_of(name, method, options, "distilled")
+            folder = cache.distill_dir(settings, Path(scratch) / name)
+            pipe = digits.digits_pipeline()
+            if cache.load(settings) is not None:    # trained before: its weights, for the timing
+                dx.patch(pipe, method, weights=str(folder), **options)
+                evaluate(settings, pipe, {})
+                continue
+            resume = "latest" if any(folder.glob("checkpoint-*")) else None
+            config = DistillConfig(output_dir=str(folder), batch_size=args.distill_batch, max_steps=args.distill_steps,
+                                   lr=args.lr, inherited_lr=args.inherited_lr, progress=True,
+                                   checkpoint_every=25 if cache.root is not None else 0, keep_checkpoints=1,
+                                   resume=resume)
             start = time.perf_counter()
             result = Distiller(pipe, method, config, options=options, data=data).train()
             minutes = (time.perf_counter() - start) / 60
-        evaluate(name, method, "distilled", pipe, minutes,
-                 dict(deviation_before=result.deviation_before, deviation_after=result.deviation_after))
+            # a resumed fine-tune: minutes of this call only, deviation_before at the checkpoint it resumed
+            evaluate(settings, pipe, dict(finetune_minutes=minutes, deviation_before=result.deviation_before,
+                                          deviation_after=result.deviation_after, resumed=resume is not None))
 
     timings = time_denoisers(pipes, args.batch, args.repeats, args.warmup)
     for row in rows:

@@ -1,0 +1,102 @@
+"""What the quality-lab studies share: a resumable per-row cache and the FID scorer.
+
+A study evaluates rows (stock, each method training-free, each method distilled) on one trained model.
+A row costs minutes (sampling, a fine-tune, Inception features), so every finished piece is kept on disk
+under `<cache>/<row key>/` and a stopped study picks up where it stopped:
+
+    row.json            the row's metrics (written last, atomically: present = the row is complete)
+    samples.pt          the row's samples (B, C, H, W) in [-1, 1]
+    distill/            the fine-tune: `checkpoint-*` folders while it runs (resumed with
+                        `resume="latest"`), then the trained weights, loadable with `dx.patch(weights=)`
+
+The key is a hash of everything that determines the row (its name, method, options, mode, sample count,
+sampling, fine-tune settings and the model's weights file), so a changed setting never reuses a stale row.
+Timing is not cached: the speed column is always measured afresh in the run that writes the table, all
+configurations round-robin in one run (benchmarks/harness.py), so a study interrupted under load can be
+finished on a quiet machine and its ratios are from one run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import harness
+from diffusers_ext.eval.inception import InceptionNetwork, extract_features
+from diffusers_ext.eval.metrics import compute_statistics, frechet_distance
+from diffusers_ext.eval.sampling import to_uint8
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file (the model weights a row was computed from)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class RowCache:
+    """Rows of one study on disk (module doc). `root=None` disables caching (every row recomputed)."""
+
+    def __init__(self, root: str | Path | None):
+        self.root = Path(root) if root is not None else None
+
+    def folder(self, settings: dict[str, Any]) -> Path | None:
+        """The row's folder: `<slug of its name and mode>-<hash of settings>`; None without a cache."""
+        if self.root is None:
+            return None
+        text = json.dumps(settings, sort_keys=True, default=str)
+        slug = re.sub(r"[^a-z0-9]+", "-", f"{settings.get('name', '')} {settings.get('mode', '')}".lower()).strip("-")
+        return self.root / f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+    def load(self, settings: dict[str, Any]) -> tuple[dict, torch.Tensor] | None:
+        """(row, samples) of a complete cached row, else None."""
+        folder = self.folder(settings)
+        if folder is None or not (folder / "row.json").is_file():
+            return None
+        return json.loads((folder / "row.json").read_text()), torch.load(folder / "samples.pt")
+
+    def store(self, settings: dict[str, Any], row: dict, samples: torch.Tensor) -> None:
+        """Write the samples, then the row (atomically; the row marks the entry complete)."""
+        folder = self.folder(settings)
+        if folder is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        with harness.atomic_file(folder / "samples.pt") as tmp:
+            torch.save(samples.contiguous(), tmp)
+        harness.write_json(folder / "row.json", dict(row, settings=settings))
+
+    def distill_dir(self, settings: dict[str, Any], fallback: str | Path) -> Path:
+        """Where the row's fine-tune writes its checkpoints and weights (`fallback` without a cache)."""
+        folder = self.folder(settings)
+        return folder / "distill" if folder is not None else Path(fallback)
+
+
+def to_uint8_rgb(images: torch.Tensor) -> np.ndarray:
+    """(B, 1 or 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), quantised as the FID sampler does (`to_uint8`)."""
+    return to_uint8(((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
+
+
+class Scorer:
+    """FID of sample sets against one reference set, Inception pool features of the FID tool."""
+
+    def __init__(self, reference: torch.Tensor, batch: int = 8):   # batch 8: fastest on a 2-core CPU
+        self.network = InceptionNetwork()
+        self.batch = batch
+        self.reference = compute_statistics(self.pool(reference, "reference"))
+
+    def pool(self, images: torch.Tensor, desc: str) -> np.ndarray:
+        arr = to_uint8_rgb(images)
+        chunks = (arr[i:i + self.batch] for i in range(0, len(arr), self.batch))
+        return extract_features(self.network, chunks, total=len(arr), desc=f"features {desc}")["pool"]
+
+    def fid(self, images: torch.Tensor, desc: str) -> float:
+        mu, sigma = compute_statistics(self.pool(images, desc))
+        return frechet_distance(mu, sigma, *self.reference)
