@@ -34,6 +34,7 @@ import diffusers_ext as dx
 import harness
 from diffusers_ext import digits
 from diffusers_ext.distill import DistillConfig, Distiller
+from diffusers_ext.eval.metrics import frechet_distance
 from study import RowCache, Scorer, file_digest, to_uint8_rgb
 
 CONFIGS = {  # name -> (method, options)
@@ -90,8 +91,8 @@ def main(argv=None) -> int:
     labels = torch.arange(10).repeat(args.num // 10)
     reference = data[:QUICK_REFERENCE] if args.quick else data
     sampling = {**digits.SAMPLING, **(QUICK_SAMPLING if args.quick else {})}
-    scorer = Scorer(reference)
     cache = RowCache(None if args.no_cache else args.cache)
+    scorer = Scorer(reference, cache=cache)
     model_digest = file_digest(digits.ASSETS / "transformer" / "diffusion_pytorch_model.safetensors")
     common = dict(num=args.num, sampling=sampling, reference=len(reference), model=model_digest)
     rows, samples, pipes = [], {}, {}
@@ -127,7 +128,8 @@ def main(argv=None) -> int:
 
     evaluate(settings_of("stock", None, {}, ""), digits.digits_pipeline(), {})
     real = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:args.num]]
-    floor = dict(fid_real_subset=scorer.fid(real, "real"),
+    real_statistics = scorer.statistics(real, "real", cache)
+    floor = dict(fid_real_subset=frechet_distance(*real_statistics, *scorer.reference),
                  classifier_held_out=json.loads((digits.ASSETS / "training.json").read_text())["classifier"]["held_out_accuracy"])
 
     with tempfile.TemporaryDirectory() as scratch:

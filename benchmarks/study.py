@@ -87,10 +87,27 @@ def to_uint8_rgb(images: torch.Tensor) -> np.ndarray:
 class Scorer:
     """FID of sample sets against one reference set, Inception pool features of the FID tool."""
 
-    def __init__(self, reference: torch.Tensor, batch: int = 8):   # batch 8: fastest on a 2-core CPU
+    def __init__(self, reference: torch.Tensor, batch: int = 8, cache: RowCache | None = None):
         self.network = InceptionNetwork()
-        self.batch = batch
-        self.reference = compute_statistics(self.pool(reference, "reference"))
+        self.batch = batch   # 8: fastest on a 2-core CPU
+        self.reference = self.statistics(reference, "reference", cache)
+
+    def statistics(self, images: torch.Tensor, desc: str, cache: RowCache | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(mu, sigma) of the pool features of `images`, kept in `cache` (keyed by the images' bytes)."""
+        path = None
+        if cache is not None and cache.root is not None:
+            digest = hashlib.sha256(to_uint8_rgb(images).tobytes()).hexdigest()[:16]
+            path = cache.root / f"statistics-{digest}.npz"
+            if path.is_file():
+                with np.load(path) as saved:
+                    return saved["mu"], saved["sigma"]
+        mu, sigma = compute_statistics(self.pool(images, desc))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with harness.atomic_file(path) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.savez(handle, mu=mu, sigma=sigma)
+        return mu, sigma
 
     def pool(self, images: torch.Tensor, desc: str) -> np.ndarray:
         arr = to_uint8_rgb(images)
