@@ -1,12 +1,16 @@
 """The demo app's pieces without a browser: options generated from the registry, bounds, safe defaults."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-gr = pytest.importorskip("gradio")
+from helpers import require_module
+
+gr = require_module("gradio")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import app  # noqa: E402
 
@@ -200,3 +204,184 @@ def test_only_safetensors_weights_are_loaded(tmp_path):
     tiny_pipeline("dit").save_pretrained(tmp_path / "pickled", safe_serialization=False)
     with pytest.raises(OSError, match="only safetensors"):
         load_pipeline(str(tmp_path / "pickled"), use_safetensors=True)
+
+
+# --- the page as a person uses it: inputs per model, labels, errors, progress, the comparison ----------
+
+def _page(model="tiny:sd"):
+    demo = app.build_app(app.AppConfig(model=model, max_steps=10))
+    blocks = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    fns = {fn.name: fn for fn in demo.fns.values()}
+    return demo, blocks, fns
+
+
+def test_difference_image_against_a_direct_computation():
+    from diffusers_ext.app.results import difference_caption, difference_image
+
+    rng = np.random.default_rng(0)
+    stock, patched = rng.random((3, 4, 3)), rng.random((3, 4, 3))
+    patched[0, 0] = stock[0, 0]                                       # identical pixel: black
+    for gain in (1, 4, 16):
+        got = difference_image(stock, patched, gain)
+        assert got.dtype == np.float64 and got.shape == (3, 4, 3)    # float64 in -> float64 out
+        for index in np.ndindex(*stock.shape):                       # one value at a time, by hand
+            expected = min(1.0, gain * abs(float(stock[index]) - float(patched[index])))
+            assert got[index] == pytest.approx(expected, abs=1e-12), (gain, index)
+    assert not difference_image(stock, patched, 4)[0, 0].any()
+    assert difference_image(stock.astype(np.float32), patched.astype(np.float32), 4).dtype == np.float32
+    with pytest.raises(ValueError, match="differ in shape"):
+        difference_image(stock, patched[:2])
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="gain"):
+            difference_image(stock, patched, bad)
+    assert "x 16" in difference_caption(16) and "0.0625" in difference_caption(16)   # the scale is stated
+
+
+def test_difference_gallery_follows_the_gain():
+    """The page's difference gallery: |stock - patched| x gain as lossless PNG, the gain in its label."""
+    from PIL import Image
+
+    from diffusers_ext.app.page import difference_gallery
+
+    difference = np.full((2, 2, 3), 0.1, dtype=np.float16)            # as the page keeps it
+    for gain, level in ((4, round(0.4 * 255)), (16, 255)):            # 0.1 x 16 is clipped to white
+        shown = difference_gallery([difference], gain)
+        assert f"x {gain}" in shown.label
+        path = shown.value[0]["image"]["path"]
+        assert path.endswith(".png")
+        pixels = np.asarray(Image.open(path))
+        assert pixels.shape[:2] == (256, 256) and (pixels[..., :3] == level).all()
+
+
+def test_inputs_shown_per_model_family(tmp_path):
+    """Only what the model takes: a prompt for text models, a class label for class models; both while
+    unknown (a hub id not in the local cache); switching when the model changes."""
+    worker = app.Worker(app.AppConfig())
+    text = ("tiny:sd", "tiny:sdxl", "tiny:sd3", "tiny:sd35", "tiny:animatediff")
+    for model in text:
+        assert worker.conditioning_of(model) == "text", model
+    for model in ("digits", "tiny:dit", "tiny:sit"):
+        assert worker.conditioning_of(model) == "class", model
+    assert worker.conditioning_of("nobody/not-cached-anywhere") is None
+    from diffusers_ext.testing import tiny_pipeline
+
+    worker._model, worker._pipe = "nobody/not-cached-anywhere", tiny_pipeline("dit")   # once it has run: known
+    assert worker.conditioning_of("nobody/not-cached-anywhere") == "class"
+    for class_name, expected in (("DiTPipeline", "class"), ("StableDiffusionPipeline", "text"), ("Unknown", None)):
+        folder = tmp_path / class_name
+        folder.mkdir()
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+        assert worker.conditioning_of(str(folder)) == expected, class_name
+
+    from diffusers_ext.app.page import shown_inputs
+
+    assert shown_inputs("text") == (True, False) and shown_inputs("class") == (False, True)
+    assert shown_inputs(None) == (True, True) and shown_inputs("unconditional") == (False, False)
+
+    _, blocks, fns = _page("tiny:dit")                                # the page opens on a class model
+    assert not blocks["prompt"].visible and blocks["class_label"].visible
+    method, prompt, label = fns["on_model"].fn("tiny:sd", "mediator")  # a text model is chosen
+    assert method["value"] == "agent" and prompt["visible"] and not label["visible"]
+    method, prompt, label = fns["on_model"].fn("digits", "agent")
+    assert method["value"] == "mediator" and not prompt["visible"] and label["visible"]
+    _, prompt, label = fns["on_model"].fn("someone/model", "agent")    # unknown until it runs: both
+    assert prompt["visible"] and label["visible"]
+
+
+def test_the_two_steps_fields_are_labelled_apart():
+    """No method option shares a label with a generation field (sampling steps vs the `steps` schedule)."""
+    _, blocks, _ = _page()
+    generation = {blocks[name].label for name in ("steps", "batch", "height", "width", "guidance", "seed")}
+    assert blocks["steps"].label == "sampling steps"
+    assert blocks["opt-agent-steps"].label == "steps (schedule)"
+    for method in all_methods():
+        labels = [blocks[f"opt-{method}-{option.name}"].label for option in get_method(method).options
+                  if f"opt-{method}-{option.name}" in blocks]
+        assert len(set(labels)) == len(labels) and not generation & set(labels), method
+
+
+def test_options_and_settings_are_collapsed_and_the_button_is_by_the_choice():
+    demo, blocks, _ = _page()
+    assert not blocks["settings"].open and not blocks["method-options"].open
+    order = [getattr(b, "elem_id", None) for b in demo.blocks.values()]   # creation order = page order
+    assert order.index("generate") < order.index("settings") < order.index("method-options")
+    assert order.index("generate") < order.index("steps") and order.index("generate") < order.index("opt-agent-seed")
+
+
+def test_errors_are_errors_not_warnings(monkeypatch):
+    """A refused request raises gr.Error (a red toast that stays), never gr.Warning; the message is the
+    check's; an unexpected failure is an internal error naming its type."""
+    warned = []
+    monkeypatch.setattr(gr, "Warning", lambda *a, **k: warned.append(a))
+    _, _, fns = _page()
+    generate = fns["generate"]
+    values = [component.value for component in generate.inputs]
+    at = {getattr(c, "elem_id", None): i for i, c in enumerate(generate.inputs)}
+    values[at["steps"]] = 500
+    with pytest.raises(gr.Error) as raised:
+        generate.fn(*values)
+    assert "steps must be between 1 and 10, got 500" in raised.value.message and "--max-steps" in raised.value.message
+    assert raised.value.duration is None and not raised.value.print_exception
+    values[at["steps"]] = 2
+    values[at["opt-agent-merge_ratio"]] = 7
+    with pytest.raises(gr.Error, match="merge_ratio"):
+        generate.fn(*values)
+    assert not warned
+
+    from diffusers_ext.app.page import page_error
+
+    internal = page_error(RuntimeError("boom"))
+    assert isinstance(internal, gr.Error) and "internal error (RuntimeError: boom)" in internal.message
+
+
+def test_progress_counts_real_calls_and_measures_the_time_left():
+    from diffusers_ext.app.runner import StepProgress, seconds_text
+
+    now, shown = [0.0], []
+    report = StepProgress(lambda fraction, desc: shown.append((fraction, desc)), clock=lambda: now[0])
+    report(1, 10, "warm-up")
+    report(2, 10, "warm-up")
+    now[0] = 10.0
+    report(3, 10, "stock")              # the first timed call: no pace yet
+    now[0] = 10.5
+    report(4, 10, "stock")              # 0.5 s per call, 6 calls left: 3 s
+    now[0] = 12.0
+    report(6, 10, "agent")              # (12 - 10) / 3 calls, 4 left: 2.67 s -> 3 s
+    assert [f for f, _ in shown] == [0.1, 0.2, 0.3, 0.4, 0.6]
+    assert shown[0][1] == "warm-up run: denoiser call 1 of 10" and "left" not in shown[2][1]
+    assert shown[3][1] == "stock run: denoiser call 4 of 10, about 3 s left"
+    assert shown[4][1] == "agent run: denoiser call 6 of 10, about 3 s left"
+    assert (seconds_text(59.4), seconds_text(125)) == ("59 s", "2 min 5 s")
+
+
+def test_the_queue_announces_no_averaged_eta():
+    """Gradio's ETA is the mean of earlier requests (any size): none is kept for the generations."""
+    demo, _, fns = _page()
+    table = demo._queue.process_time_per_fn
+    table[fns["generate"]].add(30.0)                 # what the queue does after each request
+    table[fns["generate_video"]].add(30.0)
+    assert fns["generate"] not in table and fns["generate_video"] not in table
+    table[fns["show_method"]].add(1.0)               # other events keep gradio's bookkeeping
+    assert table[fns["show_method"]].avg_time == 1.0
+
+
+def test_session_history_and_speed_vs_deviation_chart():
+    from diffusers_ext.app.results import CHART_X, CHART_Y, chart_rows, history_rows, record_of
+
+    def summary(method, stock_ms, patched_ms, deviation, **options):
+        return {"method": method, "options": options, "stock_ms_per_step": stock_ms,
+                "patched_ms_per_step": patched_ms, "image_rel_l2": deviation}
+
+    small, large = {"model": "tiny:sd", "size": "64x64"}, {"model": "tiny:sd", "size": "128x128"}
+    history = [record_of(summary("agent", 100.0, 50.0, 0.02), small)]
+    assert chart_rows(history) == []                                   # one run: a table says it all
+    history.append(record_of(summary("todo", 90.0, 60.0, 0.01, factor=4), small))
+    history.append(record_of(summary("agent", 300.0, 100.0, 0.05), large))
+    assert chart_rows(history) == []                                   # the latest settings have one run
+    history.append(record_of(summary("agent", 310.0, 155.0, 0.04, merge_ratio=0.2), large))
+    rows = chart_rows(history)
+    assert [(r["run"], r[CHART_X], r[CHART_Y]) for r in rows] == [
+        ("stock", 0.0, 1.0), ("#3 agent", 0.05, 3.0), ("#4 agent (merge_ratio=0.2)", 0.04, 2.0)]
+    table = history_rows(history)
+    assert [row[0] for row in table] == [4, 3, 2, 1]                   # newest first
+    assert table[2][1:7] == ["todo", "factor=4", 90.0, 60.0, 1.5, 0.01] and "64x64" in table[2][7]

@@ -2,7 +2,9 @@
 
     config.py   AppConfig (what is served, its bounds) and its command-line flags
     widgets.py  one form field per method option, chosen from the option's kind in the registry
-    runner.py   the Worker: input checks, one pipeline at a time, the image and the video comparison
+    runner.py   the Worker: input checks, one pipeline at a time, the image and the video comparison,
+                their progress (real denoiser calls, a measured time left)
+    results.py  what is shown of a comparison: the difference image, the session's runs and their chart
     page.py     build_app / launch_app: the gr.Blocks layout and its events
     cli.py      `diffusers-ext app` (and `python app.py`): the flags, then the page served
 

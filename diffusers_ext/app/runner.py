@@ -2,16 +2,19 @@
 
 The image comparison is `diffusers_ext.compare.compare_pipeline`, the one `diffusers-ext compare`
 runs; the video comparison times the denoiser with the same `pipeline_io.DenoiserTimer`. No gradio
-here: `progress` is any callable progress(fraction, desc=...).
+here: `progress` is any callable progress(fraction, desc=...), fed by `StepProgress`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import re
 import tempfile
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +22,10 @@ import torch
 
 import diffusers_ext as dx
 from diffusers_ext.compare import Comparison, compare_pipeline
-from diffusers_ext.families import get_family
+from diffusers_ext.errors import DiffusersExtError
+from diffusers_ext.families import family_of_pipeline_class, get_family
 from diffusers_ext.loading import EMBEDDED, embedded_family, load_pipeline
-from diffusers_ext.pipeline_io import DenoiserTimer, call_kwargs, num_classes
+from diffusers_ext.pipeline_io import DenoiserTimer, call_kwargs, num_classes, pipeline_kind
 from diffusers_ext.registry import all_methods
 
 from .config import AppConfig
@@ -36,6 +40,50 @@ MAX_PROMPT_CHARS = 2000
 
 class InputError(ValueError):
     """Bad user input: shown in the page as it is."""
+
+
+@dataclass
+class ImageRun:
+    """One image comparison of the app: `compare_pipeline`'s result and what it was made with.
+
+    settings: what the numbers depend on besides the method and its options (model, prompt or class
+        label, the images' actual size, sampling steps, batch, guidance, seed, warm-up), for the history.
+    conditioning: the pipeline's kind (`pipeline_kind`: "text", "class"): the page then shows only its input.
+    """
+
+    comparison: Comparison
+    settings: dict
+    conditioning: str
+
+
+class StepProgress:
+    """`compare_pipeline`'s progress(done, total, phase) -> progress(fraction, desc=...) with the real
+    count and a time-left estimate from this request's own pace (its denoiser calls after the warm-up):
+
+        "stock run: denoiser call 9 of 42, about 3 s left"
+
+    The estimate is measured, never an average over other requests (other models, steps or sizes).
+    """
+
+    def __init__(self, progress, clock=time.monotonic):
+        self.progress, self.clock = progress, clock
+        self.start: tuple[float, int] | None = None      # (time, calls done) at the first timed call
+
+    def __call__(self, done: int, total: int, phase: str) -> None:
+        now, desc = self.clock(), f"{phase} run: denoiser call {done} of {total}"
+        if phase != "warm-up":
+            if self.start is None:
+                self.start = (now, done)
+            elif done > self.start[1]:
+                pace = (now - self.start[0]) / (done - self.start[1])
+                desc += f", about {seconds_text(pace * max(total - done, 0))} left"
+        self.progress(min(done / total, 1.0), desc=desc)
+
+
+def seconds_text(seconds: float) -> str:
+    """12 s, 2 min 5 s."""
+    seconds = round(seconds)
+    return f"{seconds} s" if seconds < 60 else f"{seconds // 60} min {seconds % 60} s"
 
 
 class Worker:
@@ -96,6 +144,32 @@ class Worker:
             raise InputError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
         return prompt
 
+    def conditioning_of(self, model: str | None) -> str | None:
+        """"text" or "class" (`pipeline_kind`): what `model` takes, where that is known without loading
+        anything (an embedded model, the pipeline held, a saved pipeline's model_index.json in its folder or
+        the hub cache); None when unknown (the page then shows both inputs until the model has run)."""
+        model = (model or "").strip()
+        family = embedded_family(model)
+        if family:
+            return get_family(family).conditioning
+        pipe = self._pipe if self._model == model else None
+        if pipe is not None:
+            return pipeline_kind(pipe)
+        index = Path(model).expanduser() / "model_index.json"
+        if not index.is_file() and HUB_ID.match(model):
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                cached = try_to_load_from_cache(model, "model_index.json")   # the local cache only
+            except Exception:  # noqa: BLE001  (an unusable cache just leaves it unknown)
+                cached = None
+            index = Path(cached) if isinstance(cached, str) else index
+        try:
+            family = family_of_pipeline_class(json.loads(index.read_text()).get("_class_name", ""))
+        except (OSError, ValueError, AttributeError):
+            return None
+        return family.conditioning if family else None
+
     def pipeline(self, model: str, progress):
         """The pipeline of `model`, stock (loaded when it is not the one held; call under the lock)."""
         if model != self._model:
@@ -109,8 +183,8 @@ class Worker:
         return self._pipe
 
     def compare_images(self, model, method, prompt, class_label, height, width, steps, guidance, batch, seed,
-                       warmup, options, progress) -> Comparison:
-        """Stock vs `method` with typed `options`, from one seed: `compare_pipeline`'s result."""
+                       warmup, options, progress) -> ImageRun:
+        """Stock vs `method` with typed `options`, from one seed: `compare_pipeline`'s result and its settings."""
         model = self.check_model(model)
         if method not in all_methods():
             raise InputError(f"unknown method {method!r}")
@@ -127,11 +201,13 @@ class Worker:
                 classes = num_classes(pipe)
                 label = self.check_int("class label", class_label, 0, None if classes is None else classes - 1)
                 kwargs["class_labels"] = [label] * batch
-
-            def report(done, total, phase):
-                progress(min(done / total, 1.0), desc=f"{phase} run: denoiser call {done} of {total}")
-
-            return compare_pipeline(pipe, method, options, kwargs, warmup=warmup, progress=report)
+            kind = pipeline_kind(pipe)
+            result = compare_pipeline(pipe, method, options, kwargs, warmup=warmup, progress=StepProgress(progress))
+        condition = {"class": {"class": kwargs.get("class_labels", [None])[0]}, "text": {"prompt": repr(prompt)}}
+        settings = {"model": model, **condition.get(kind, {}), "size": "x".join(map(str, result.stock.image.shape[:2])),
+                    "steps": steps, "batch": batch, "guidance": "default" if guidance is None else guidance,
+                    "seed": seed, "warm-up": warmup}
+        return ImageRun(result, settings, kind)
 
     def compare_videos(self, model, prompt, frames, height, width, steps, guidance, seed, options,
                        photo, progress) -> tuple[Path, Path, float, float]:
@@ -165,12 +241,12 @@ class Worker:
                                    device=pipe.unet.device, dtype=pipe.unet.dtype)
             common = dict(num_frames=frames, height=height, width=width, num_inference_steps=steps,
                           guidance_scale=guidance, output_type="np")
-            done, total = [0], 2 * steps + 2
+            done, total, report = [0], 2 * steps + 2, StepProgress(progress)
 
             def counted(phase):
                 def on_forward():
                     done[0] += 1
-                    progress(min(done[0] / total, 1.0), desc=f"{phase} run: denoiser call {done[0]} of {total}")
+                    report(done[0], total, phase)
                 return on_forward
 
             pipe.set_progress_bar_config(disable=True)
@@ -206,7 +282,7 @@ def enlarge(image: np.ndarray, at_least: int = 256) -> np.ndarray:
 
 def error_message(err: BaseException) -> str:
     """The page's message for a failed generation (bad input as it is; anything else logged)."""
-    if isinstance(err, (ValueError, TypeError, OSError, ImportError, KeyError)):
+    if isinstance(err, (DiffusersExtError, ValueError, TypeError, OSError, ImportError, KeyError)):
         return str(err) or type(err).__name__
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return "out of GPU memory: lower the resolution, the batch size or the frames"

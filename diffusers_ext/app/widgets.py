@@ -41,10 +41,16 @@ class OptionField:
     def elem_id(self) -> str:
         return f"opt-{self.method}-{self.option.name}"
 
+    @property
+    def label(self) -> str:
+        """The option's name; a schedule says so ("steps (schedule)": the part of the run where the patch
+        acts), apart from the page's "sampling steps", the number of denoising steps."""
+        return f"{self.option.name} (schedule)" if self.option.kind == "schedule" else self.option.name
+
     def component(self, visible: bool) -> gr.components.Component:
         option = self.option
         allowed = option.check.describe().replace("`", "")
-        common = dict(label=option.name, visible=visible, elem_id=self.elem_id)
+        common = dict(label=self.label, visible=visible, elem_id=self.elem_id)
         if self.widget == "checkbox":
             return gr.Checkbox(value=option.default, info=option.doc, **common)
         if self.widget == "dropdown":
