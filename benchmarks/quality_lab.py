@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timing: round-robin rounds")
     harness.add_warmup_argument(parser)
     parser.add_argument("--only", nargs="*", default=None, help="methods to run (default: all)")
+    parser.add_argument("--rows", nargs="*", default=None, choices=list(CONFIGS), metavar="NAME",
+                        help=f"configurations to run (default: all of the --only methods); one of: {', '.join(CONFIGS)}")
     harness.add_output_argument(parser, harness.RESULTS / "quality_lab", "--out")
     parser.add_argument("--cache", default="lab_runs/quality_lab_cache", metavar="DIR",
                         help="finished rows (samples, metrics, fine-tuned weights) and fine-tune checkpoints: a "
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         for name, (method, options) in CONFIGS.items():
-            if args.only and method not in args.only:
+            if (args.only and method not in args.only) or (args.rows and name not in args.rows):
                 continue
             pipe = digits.digits_pipeline()
             dx.patch(pipe, method, **options)

@@ -87,10 +87,14 @@ def to_uint8_rgb(images: torch.Tensor) -> np.ndarray:
 class Scorer:
     """FID of sample sets against one reference set, Inception pool features of the FID tool."""
 
-    def __init__(self, reference: torch.Tensor, batch: int = 8, cache: RowCache | None = None):
+    def __init__(self, reference: torch.Tensor | None = None, batch: int = 8, cache: RowCache | None = None,
+                 reference_statistics: tuple[np.ndarray, np.ndarray] | None = None):
+        """The reference: images (B, C, H, W) in [-1, 1], or their (mu, sigma) (e.g. shipped statistics)."""
+        if (reference is None) == (reference_statistics is None):
+            raise ValueError("give the reference images or their statistics, not both")
         self.network = InceptionNetwork()
         self.batch = batch   # 8: fastest on a 2-core CPU
-        self.reference = self.statistics(reference, "reference", cache)
+        self.reference = reference_statistics or self.statistics(reference, "reference", cache)
 
     def statistics(self, images: torch.Tensor, desc: str, cache: RowCache | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(mu, sigma) of the pool features of `images`, kept in `cache` (keyed by the images' bytes)."""

@@ -183,3 +183,61 @@ def test_unet_finest_self_attention_has_1024_tokens_and_sd_methods_act_on_it():
         assert not torch.allclose(out, stock)                 # it acts on this model
         dx.unpatch(unet)
         assert torch.equal(call().sample, stock)
+
+
+def test_export_and_pipelines_of_tiny_runs(small, tmp_path):
+    """Tiny finished runs export to a shipped-style folder; both pipelines load it and sample 32 x 32 glyphs;
+    the UNet pipeline's guidance is eps_null + g (eps_cond - eps_null), checked against a hand-written DDIM step."""
+    from diffusers_ext.lab import pipelines
+
+    runs, to = tmp_path / "runs", tmp_path / "glyphs"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for kind in lab_train.KINDS:
+            config = lab_train.with_config(kind, steps=2, batch_size=4, warmup=1)
+            stop = 1 if kind == "classifier" else None
+            lab_train.train(kind, runs / kind, config=config, model_overrides=TINY[kind], glyphs=small,
+                            stop_at_step=stop, log=lambda _: None)
+        with pytest.raises(ValueError, match="stopped at step 1 of 2"):    # an unfinished run is refused
+            pipelines.export(runs, to, glyphs=small, statistics=False, log=lambda _: None)
+        assert not to.exists()
+        lab_train.train("classifier", runs / "classifier", resume=True, glyphs=small, log=lambda _: None)
+        pipelines.export(runs, to, glyphs=small, statistics=False, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert {p.name for p in to.iterdir()} == {"transformer", "unet", "class_tokens.safetensors",
+                                             "classifier.safetensors", "training.json"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]     # no staging folder left behind
+
+    sit = pipelines.glyph_sit_pipeline(to)
+    dit = lab_train.load_weights("dit", runs / "dit")
+    assert all(torch.equal(v, dit.state_dict()[k]) for k, v in sit.transformer.state_dict().items())
+    images = sit(class_labels=[0, 35], num_inference_steps=2, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 1, 32, 32) and torch.isfinite(images).all()
+
+    pipe = pipelines.glyph_unet_pipeline(to)
+    pipe.set_progress_bar_config(disable=True)
+    wrapped = lab_train.load_weights("unet", runs / "unet")
+    assert torch.equal(pipe.class_tokens.embedding.weight, wrapped.tokens.embedding.weight)
+    noise = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([3, 20])
+    seen, step = [], pipe.scheduler.step
+    pipe.scheduler.step = lambda eps, t, x, **kw: seen.append(eps) or step(eps, t, x, **kw)
+    out = pipe(class_labels=labels, num_inference_steps=1, guidance_scale=3.0, latents=noise, output_type="pt").images
+    with torch.no_grad():                                     # one DDIM step from t = 999 to x0, by hand
+        t = 999
+        eps_cond = wrapped(noise, torch.tensor(t), labels)
+        eps_null = wrapped(noise, torch.tensor(t), torch.full_like(labels, 36))
+        eps = eps_null + 3.0 * (eps_cond - eps_null)
+        alpha = pipe.scheduler.alphas_cumprod[t].double()
+        x0 = ((noise.double() - (1 - alpha).sqrt() * eps.double()) / alpha.sqrt()).clamp(-1, 1)
+    assert torch.allclose(seen[0], eps, atol=1e-5)             # batched (guidance) vs separate calls: float32 rounding
+    # x0 divides by sqrt(alpha_999) ~ 0.006: float32 rounding of eps grows to ~1e-4 there
+    assert torch.allclose(out.double(), (x0 + 1) / 2, atol=1e-3)
+    with pytest.raises(ValueError, match=r"class ids in \[0, 35\]"):
+        pipe(class_labels=[36], num_inference_steps=1)
+    record = dx.patch(pipe, "todo")                           # the SD methods patch the pipeline
+    assert record.family == "sd"
+    dx.unpatch(pipe)

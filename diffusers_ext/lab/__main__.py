@@ -1,4 +1,5 @@
-"""`python -m diffusers_ext.lab train {dit,unet,classifier} --out DIR [--minutes M] [--resume]`."""
+"""`python -m diffusers_ext.lab train {dit,unet,classifier} --out DIR [--minutes M] [--resume]`;
+`python -m diffusers_ext.lab export [--runs lab_runs] [--to diffusers_ext/assets/glyphs]`."""
 
 from __future__ import annotations
 
@@ -19,7 +20,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     run.add_argument("--steps", type=int, default=None, help="schedule length (a new run only; default per kind)")
     run.add_argument("--threads", type=int, default=1, help="torch threads (default 1: share the CPU)")
+    export = sub.add_parser("export", help="write the shipped lab II folder from finished runs (weights, FID statistics)")
+    export.add_argument("--runs", default="lab_runs", help="folder of the dit / unet / classifier runs (default: %(default)s)")
+    export.add_argument("--to", default=None, help="the shipped folder (default: diffusers_ext/assets/glyphs)")
     args = parser.parse_args(argv)
+    if args.command == "export":
+        from .pipelines import ASSETS, export as export_models
+
+        try:
+            export_models(args.runs, args.to or ASSETS)
+        except (OSError, ValueError) as err:
+            parser.exit(2, f"python -m diffusers_ext.lab export: error: {err}\n")
+        return 0
     if args.minutes is not None and args.minutes <= 0:
         parser.error("--minutes must be > 0")
     if args.steps is not None and args.steps < 1:

@@ -1,0 +1,354 @@
+"""Quality lab II: every method on the glyph models (docs/lab.md, "Lab II"), speed and quality in one run.
+
+    python benchmarks/glyph_lab.py                       # the whole study (hours of CPU; resumable)
+    python benchmarks/glyph_lab.py --part sit            # the SiT rows only (or: unet, curves)
+    python benchmarks/glyph_lab.py --quick               # smoke test: 36 samples, 2 steps, tiny budgets
+
+Models: the shipped lab II models (`diffusers_ext/assets/glyphs`, or `--models DIR` written by
+`python -m diffusers_ext.lab export`): a pixel-space SiT with 1024 tokens an image and an SD-layout
+UNet whose finest self-attention has 1024 tokens. Per configuration:
+- FID: `--num` samples (the 36 classes equally often, the same noise in every row) against the shipped
+  reference statistics of all 4140 glyph images (Inception pool features, grey as RGB);
+- class accuracy: the shipped glyph classifier (held-out fonts: see `training.json`);
+- deviation: relative L2 distance of the samples from the stock samples of the same noise;
+- speed: stock / patched time of one denoiser call at batch `--batch` x 2 (guidance), every
+  configuration of the part timed round-robin in this run (benchmarks/harness.py);
+- fine-tune (SiT methods with trainable parts): a distillation from the stock model on the training
+  glyphs, `--distill-minutes` of this CPU (the step count is calibrated once and kept in the cache).
+Curves (`--part curves`): quality after 0, 2, 5, 10, 20 minutes of fine-tune, one run per method,
+evaluated at its checkpoints (the lr is constant after warm-up, so a run resumed to a later step is
+the run that went there directly).
+
+Everything finished is cached under `--cache` (benchmarks/study.py): a stopped study resumes where it
+stopped, and a finished one re-times all rows in a few minutes. Writes benchmarks/results/glyph_lab_<part>.md
+/ .json and, for the SiT and the curves, plots (`*_speed_fid.png`, `*_curves.png`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import diffusers_ext as dx
+import harness
+from diffusers_ext.distill import DistillConfig, Distiller
+from diffusers_ext.eval.metrics import frechet_distance
+from diffusers_ext.lab import pipelines as lab
+from diffusers_ext.lab.data import CLASSES, NUM_CLASSES, load_glyphs
+from study import RowCache, Scorer, file_digest
+
+SIT_ROWS = {  # name -> (method, options); trainable methods get a training-free and a distilled row
+    "mediators n=64": ("mediator", dict(mediators=64)),
+    "mediators n=16": ("mediator", dict(mediators=16)),
+    "mediators 16->64": ("mediator", dict(mediators=(16, 64))),
+    "VCA 64": ("vca", dict(tokens=64)),
+    "LINA": ("lina", {}),
+    "T^5": ("t5", {}),
+    "T^5 (TTT only)": ("t5", dict(local="none")),
+}
+UNET_ROWS = {  # the speed / quality trade-off of the three training-free UNet methods over their settings
+    **{f"agent, merge {r}": ("agent", dict(merge_ratio=r)) for r in (0.2, 0.4, 0.6)},
+    "agent, whole run": ("agent", dict(agent_steps=None)),
+    **{f"ToDo {f}x{f}": ("todo", dict(factor=f)) for f in (2, 3, 4)},
+    **{f"tomesd {r}": ("tomesd", dict(ratio=r)) for r in (0.3, 0.5, 0.7)},
+}
+CURVE_METHODS = {name: SIT_ROWS[name] for name in ("mediators n=64", "VCA 64", "LINA", "T^5")}
+CURVE_MINUTES = (0, 2, 5, 10, 20)
+
+
+def generate(pipe, labels: torch.Tensor, sampling: dict, seed: int = 0, batch_size: int = 72) -> torch.Tensor:
+    """Samples (B, 1, 32, 32) in [-1, 1] of `labels`; one generator per batch, seeded by (seed, batch)."""
+    out = []
+    pipe.set_progress_bar_config(disable=True)
+    for i, chunk in enumerate(labels.split(batch_size)):
+        generator = torch.Generator().manual_seed(seed * 100_003 + i)
+        out.append(pipe(class_labels=chunk, generator=generator, output_type="pt", **sampling).images * 2 - 1)
+    return torch.cat(out)
+
+
+def apply(pipe, method: str, options: dict, weights: str | None = None):
+    """Patch `pipe` with one of our methods, or with tomesd (a peer: `tomesd.apply_patch` on the UNet)."""
+    if method == "tomesd":
+        import tomesd
+
+        tomesd.apply_patch(pipe.unet, max_downsample=1, **options)
+    else:
+        dx.patch(pipe, method, weights=weights, **options)
+    return pipe
+
+
+def denoiser_call(pipe, batch: int):
+    """One guided denoiser call (batch x 2) of `pipe` at mid-run, as a closure for the timer."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * batch, 1, 32, 32, generator=g)
+    labels = torch.cat([torch.arange(batch) % NUM_CLASSES, torch.full((batch,), NUM_CLASSES)])
+    if hasattr(pipe, "transformer"):
+        t = torch.full((2 * batch,), 0.5)
+        return lambda: pipe.transformer(x, timestep=t, class_labels=labels)
+    prompts = pipe.class_tokens(labels)
+    return lambda: pipe.unet(x, torch.tensor(500), encoder_hidden_states=prompts)
+
+
+class Study:
+    """The rows of one part: cached evaluation of configurations of one model (module doc)."""
+
+    def __init__(self, args, part: str, scorer: Scorer, classifier, train_images: torch.Tensor):
+        self.args, self.part, self.scorer, self.classifier = args, part, scorer, classifier
+        self.train_images = train_images
+        loader = lab.glyph_sit_pipeline if part != "unet" else lab.glyph_unet_pipeline
+        self.load = lambda: loader(args.models)
+        self.sampling = dict(lab.SIT_SAMPLING if part != "unet" else lab.UNET_SAMPLING)
+        if args.quick:
+            self.sampling["num_inference_steps"] = 2
+        self.labels = torch.arange(NUM_CLASSES).repeat(args.num // NUM_CLASSES)
+        weights = Path(args.models or lab.ASSETS) / ("transformer" if part != "unet" else "unet")
+        self.common = dict(part=part, num=args.num, sampling=self.sampling,
+                           model=file_digest(next(weights.glob("*.safetensors"))))
+        self.cache = RowCache(None if args.no_cache else Path(args.cache))
+        self.rows, self.samples, self.pipes = [], {}, {}
+
+    def settings(self, name: str, method: str | None, options: dict, mode: str, **more) -> dict:
+        return dict(name=name, method=method, options=options, mode=mode, **self.common, **more)
+
+    def evaluate(self, settings: dict, pipe, extra: dict | None = None, keep_pipe: bool = True) -> dict:
+        key = settings["name"] + (f" ({settings['mode']})" if settings["mode"] else "")
+        cached = self.cache.load(settings)
+        if cached is not None:
+            row, images = cached
+            row.pop("settings", None)
+        else:
+            start = time.perf_counter()
+            images = generate(pipe, self.labels, self.sampling)
+            stock = self.samples.get("stock", images)
+            row = dict(name=settings["name"], method=settings["method"], mode=settings["mode"], key=key,
+                       fid=self.scorer.fid(images, key), sampling_minutes=(time.perf_counter() - start) / 60,
+                       accuracy=float((self.classifier.predict(images) == self.labels).float().mean()),
+                       deviation=float((images - stock).norm() / stock.norm()), finetune_minutes=None)
+            row.update(extra or {})
+            self.cache.store(settings, row, images)
+        self.samples.setdefault(key, images)
+        if keep_pipe:
+            self.pipes[key] = pipe
+        self.rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+        return row
+
+    def distill(self, settings: dict, pipe, method: str, options: dict, steps: int, scratch: Path):
+        """Fine-tune `pipe` (patched in place) to `steps`, resuming from the row's checkpoints."""
+        folder = self.cache.distill_dir(settings, scratch / settings["name"])
+        resume = "latest" if any(folder.glob("checkpoint-*")) else None
+        config = DistillConfig(output_dir=str(folder), batch_size=self.args.distill_batch, max_steps=steps,
+                               lr=self.args.lr, inherited_lr=self.args.inherited_lr, warmup_steps=10,
+                               checkpoint_every=max(1, steps // 10) if self.cache.root else 0, keep_checkpoints=1,
+                               resume=resume, progress=True)
+        start = time.perf_counter()
+        result = Distiller(pipe, method, config, options=options, data=self.train_images).train()
+        return result, (time.perf_counter() - start) / 60
+
+    def steps_per_minute(self, method: str, options: dict) -> float:
+        """Fine-tune steps per minute of this CPU for `method`, measured once (8 steps after 2) and cached."""
+        path = self.cache.root / f"rate-{self.part}-{method}-{self.args.distill_batch}.json" if self.cache.root else None
+        if path is not None and path.is_file():
+            return json.loads(path.read_text())["steps_per_minute"]
+        with tempfile.TemporaryDirectory() as folder:
+            times = []
+            for steps in (2, 10):
+                config = DistillConfig(output_dir=f"{folder}/{steps}", batch_size=self.args.distill_batch,
+                                       max_steps=steps, lr=self.args.lr, progress=False)
+                start = time.perf_counter()
+                Distiller(self.load(), method, config, options=options, data=self.train_images).train(evaluate=False)
+                times.append(time.perf_counter() - start)
+        rate = 8 / max(1e-6, (times[1] - times[0]) / 60)
+        if path is not None:
+            harness.write_json(path, dict(steps_per_minute=rate, method=method, machine=harness.machine("cpu")))
+        return rate
+
+    def time_all(self) -> None:
+        timings = harness.interleaved({k: denoiser_call(p, self.args.batch) for k, p in self.pipes.items()},
+                                      self.args.repeats, self.args.warmup)
+        for row in self.rows:
+            if row["key"] in timings:
+                t = timings[row["key"]]
+                row.update(ms_per_call=t.median * 1000, ms_min=t.min * 1000, ms_max=t.max * 1000,
+                           speed=t.speedup_over(timings["stock"]))
+
+
+def run_sit(study: Study, scratch: Path) -> None:
+    args = study.args
+    study.evaluate(study.settings("stock", None, {}, ""), study.load())
+    for name, (method, options) in SIT_ROWS.items():
+        if args.rows and name not in args.rows:
+            continue
+        study.evaluate(study.settings(name, method, options, "training-free"), apply(study.load(), method, options))
+        steps = max(1, round(args.distill_minutes * study.steps_per_minute(method, options)))
+        settings = study.settings(name, method, options, "distilled", distill_steps=steps,
+                                  distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr)
+        pipe = study.load()
+        if study.cache.load(settings) is not None:
+            study.evaluate(settings, apply(pipe, method, options, str(study.cache.distill_dir(settings, scratch))))
+            continue
+        result, minutes = study.distill(settings, pipe, method, options, steps, scratch)
+        study.evaluate(settings, pipe, dict(finetune_minutes=minutes, distill_steps=steps,
+                                            deviation_before=result.deviation_before,
+                                            deviation_after=result.deviation_after))
+
+
+def run_unet(study: Study, scratch: Path) -> None:
+    study.evaluate(study.settings("stock", None, {}, ""), study.load())
+    for name, (method, options) in UNET_ROWS.items():
+        if study.args.rows and name not in study.args.rows:
+            continue
+        if method == "tomesd":
+            try:
+                import tomesd  # noqa: F401
+            except ImportError:
+                print(f"{name}: skipped, tomesd is not installed (pip install tomesd)", flush=True)
+                continue
+        study.evaluate(study.settings(name, method, options, "training-free"), apply(study.load(), method, options))
+
+
+def run_curves(study: Study, scratch: Path) -> None:
+    """One fine-tune per method, evaluated after each of CURVE_MINUTES (0 = training-free)."""
+    args = study.args
+    study.evaluate(study.settings("stock", None, {}, ""), study.load())
+    minutes = CURVE_MINUTES if not args.quick else (0, 0.05)
+    for name, (method, options) in CURVE_METHODS.items():
+        if args.rows and name not in args.rows:
+            continue
+        rate = study.steps_per_minute(method, options)
+        base = study.settings(name, method, options, "curve", distill_batch=args.distill_batch, lr=args.lr,
+                              inherited_lr=args.inherited_lr, rate=round(rate, 3))
+        pipe = study.load()
+        for m in minutes:
+            steps = round(m * rate)
+            settings = dict(base, name=f"{name} @ {m} min", steps=steps)
+            if m == 0:
+                study.evaluate(settings, apply(study.load(), method, options), dict(curve=name, minutes=0),
+                               keep_pipe=False)
+                continue
+            # every point trains the same run further: the run's folder is the method's, not the point's
+            folder_settings = dict(base, name=name)
+            if study.cache.load(settings) is None:
+                study.distill(folder_settings, pipe, method, options, steps, scratch)
+            study.evaluate(settings, pipe, dict(curve=name, minutes=m, distill_steps=steps), keep_pipe=False)
+
+
+def write_tables(study: Study, argv) -> None:
+    args, rows = study.args, study.rows
+    stem = harness.output_stem(args, harness.RESULTS / f"glyph_lab_{study.part}")
+    meta = dict(command=harness.command(__file__, argv), part=study.part, num=args.num, sampling=study.sampling,
+                batch=args.batch, repeats=args.repeats, warmup=args.warmup, distill_minutes=args.distill_minutes,
+                distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr,
+                machine=harness.machine("cpu", torch.float32), threads=torch.get_num_threads())
+    harness.write_json(stem.with_name(stem.name + ".json"), dict(meta=meta, rows=rows))
+    lines = harness.header(
+        f"Quality lab II: the glyph {'SiT' if study.part != 'unet' else 'UNet'} ({study.part})", __file__, argv=argv,
+        device="cpu", dtype=torch.float32, statistic=harness.statistic(args.repeats, args.warmup), extra=[
+            f"{args.num} samples a row ({NUM_CLASSES} classes equally often, the same noise in every row), "
+            f"{study.sampling}. FID against all glyph images (shipped statistics); class accuracy by the shipped "
+            "classifier; deviation = relative L2 distance from the stock samples of the same noise; speed = stock / "
+            f"patched time of one denoiser call at batch {args.batch} x 2."])
+    table = []
+    for r in rows:
+        speed = f"{r['speed']:.2f}x" if "speed" in r else "-"
+        tune = f"{r['finetune_minutes']:.1f} min" if r.get("finetune_minutes") is not None else (
+            f"{r['minutes']} min" if "minutes" in r else "-")
+        table.append([r["name"], r["mode"] or "-", f"{r['fid']:.2f}", f"{100 * r['accuracy']:.1f} %",
+                      f"{r['deviation']:.3f}", speed, tune])
+    lines += harness.markdown_table(["configuration", "mode", "FID", "class accuracy", "deviation", "speed",
+                                     "fine-tune"], table)
+    harness.write_atomic(stem.with_name(stem.name + ".md"), "\n".join(lines) + "\n")
+    plot(study, stem)
+    print("\n".join(lines))
+
+
+def plot(study: Study, stem: Path) -> None:
+    """speed vs FID (one point per row, stock marked); for curves, FID and accuracy against minutes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = study.rows
+    if study.part == "curves":
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        stock = next(r for r in rows if r["name"] == "stock")
+        for curve in dict.fromkeys(r["curve"] for r in rows if "curve" in r):
+            points = sorted((r["minutes"], r) for r in rows if r.get("curve") == curve)
+            left.plot([m for m, _ in points], [r["fid"] for _, r in points], marker="o", label=curve)
+            right.plot([m for m, _ in points], [100 * r["accuracy"] for _, r in points], marker="o", label=curve)
+        left.axhline(stock["fid"], color="k", ls="--", label="stock")
+        right.axhline(100 * stock["accuracy"], color="k", ls="--", label="stock")
+        left.set(xlabel="fine-tune minutes (this CPU)", ylabel="FID", title="FID")
+        right.set(xlabel="fine-tune minutes (this CPU)", ylabel="class accuracy (%)", title="class accuracy")
+        left.legend(fontsize=8)
+        path = stem.with_name(stem.name + "_curves.png")
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for r in rows:
+            if "speed" not in r:
+                continue
+            marker = "*" if r["name"] == "stock" else ("o" if r["mode"] == "distilled" else "^")
+            ax.scatter(r["speed"], r["fid"], marker=marker, s=120 if r["name"] == "stock" else 40)
+            ax.annotate(r["key"], (r["speed"], r["fid"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel="speed-up over stock (denoiser call)", ylabel="FID (lower is better)",
+               title=f"glyph {study.part}: speed vs FID (star: stock)")
+        path = stem.with_name(stem.name + "_speed_fid.png")
+    fig.tight_layout()
+    with harness.atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=("sit", "unet", "curves"), nargs="+", default=["sit", "unet", "curves"])
+    parser.add_argument("--models", default=None, help="exported models folder (default: the shipped ones)")
+    parser.add_argument("--num", type=int, default=720, help="samples a row (a multiple of 36)")
+    parser.add_argument("--rows", nargs="*", default=None, help="configuration names to run (default: all)")
+    parser.add_argument("--distill-minutes", type=float, default=10.0, help="fine-tune budget of a distilled row")
+    parser.add_argument("--distill-batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--inherited-lr", type=float, default=1e-4)
+    parser.add_argument("--batch", type=int, default=16, help="timing: images per denoiser call (x 2 with guidance)")
+    parser.add_argument("--repeats", type=int, default=5, help="timing: round-robin rounds")
+    parser.add_argument("--cache", default="lab_runs/glyph_lab_cache", help="finished rows and fine-tunes (resume)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute everything, keep nothing")
+    harness.add_warmup_argument(parser)
+    harness.add_output_argument(parser, harness.RESULTS / "glyph_lab")
+    harness.add_quick_argument(parser, "36 samples in 2 steps, 0.05-minute fine-tunes, timing at batch 2, 1 round")
+    args = harness.apply_quick(parser, parser.parse_args(argv), num=36, distill_minutes=0.05, distill_batch=4,
+                               batch=2, repeats=1)
+    if args.num % NUM_CLASSES:
+        parser.error(f"--num must be a multiple of {NUM_CLASSES}")
+    torch.set_num_threads(os.cpu_count() or 1)
+    glyphs = load_glyphs()
+    train_images, _ = glyphs.split(held_out=False)
+    classifier = lab.load_classifier(args.models)
+    try:
+        reference = lab.reference_statistics(args.models)
+    except FileNotFoundError:                # a models folder exported without statistics (tests): compute them
+        reference = None
+    if reference is None and args.quick:
+        print(f"no reference statistics in {args.models}: --quick scores against the first {NUM_CLASSES} glyphs")
+    scorer = Scorer((glyphs.images[:NUM_CLASSES] if args.quick else glyphs.images) if reference is None else None,
+                    reference_statistics=reference,
+                    cache=RowCache(None if args.no_cache else args.cache))
+    with tempfile.TemporaryDirectory() as scratch:
+        for part in args.part:
+            study = Study(args, part, scorer, classifier, train_images)
+            {"sit": run_sit, "unet": run_unet, "curves": run_curves}[part](study, Path(scratch))
+            if part != "curves":
+                study.time_all()
+            write_tables(study, argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
