@@ -73,7 +73,7 @@ def apply(model, method, options, trained, resolution):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if ".processor." in name:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.02)
+                    p.add_((torch.randn(p.shape, generator=g) * 0.02).to(p))  # .to: a GPU or half model
     record = dx.patch_record(model)
     record.state.latent_hw = (resolution // 8, resolution // 8)
 

@@ -142,20 +142,31 @@ def schedule(names: Sequence[str], rounds: int, warmup: int = 0) -> Iterator[tup
 def interleaved(variants: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, *, device=None,
                 context: Callable[[str], ContextManager] | None = None, memory: bool = False,
                 label: str = "", progress: bool = True, clock: Callable[[], float] = time.perf_counter,
-                sync: Callable[[], None] | None = None) -> dict[str, Timing]:
+                sync: Callable[[], None] | None = None, deadline: float | None = None) -> dict[str, Timing]:
     """Time every variant in `rounds` round-robin rounds after `warmup` untimed ones (module doc).
 
     variants: name -> a call without arguments (its result is kept as Timing.value of the last call).
     context: name -> a context manager entered around each call of that variant, outside the timed
     span (patch before, unpatch after). memory: measure PeakMemory of each timed call as well
     (Timing.peak_bytes: the largest). device: synchronised around each call when it is CUDA.
+    deadline: a `clock()` value; after the first timed round, no round starts that would end after
+    it (judged by the last round's duration), so every variant keeps the same number of rounds, >= 1.
     clock / sync: replaceable for tests.
     """
     if rounds < 1 or warmup < 0:
         raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
     sync = sync or synchronizer(device)
     timings = {name: Timing(name) for name in variants}
-    for round_, name in schedule(list(variants), rounds, warmup):
+    names = list(variants)
+    round_start = last_round = None
+    for round_, name in schedule(names, rounds, warmup):
+        if deadline is not None and name == names[0]:
+            now = clock()
+            if round_start is not None:
+                last_round = now - round_start
+            round_start = now
+            if round_ > 0 and now + last_round > deadline:
+                break
         measure = memory and round_ >= 0
         with context(name) if context else contextlib.nullcontext():
             gc.collect()

@@ -276,3 +276,19 @@ def test_atomic_file_leaves_no_partial_file_on_exception(tmp_path):
 
 def test_markdown_table():
     assert harness.markdown_table(["a", "b"], [[1, "x"]]) == ["| a | b |", "|---|---|", "| 1 | x |"]
+
+
+def test_interleaved_deadline_stops_before_a_round_that_would_overrun():
+    clock = FakeClock()
+    # warm-up round 10 s; timed rounds 3 s each (a 1 s + b 2 s)
+    variants = {"a": scripted(clock, [5.0] + [1.0] * 5), "b": scripted(clock, [5.0] + [2.0] * 5)}
+    timings = harness.interleaved(variants, rounds=5, warmup=1, clock=clock, progress=False, deadline=17.5)
+    # rounds end at 13, 16; a third would end at 19 > 17.5: both variants keep the same 2 rounds
+    assert timings["a"].seconds == [1.0, 1.0] and timings["b"].seconds == [2.0, 2.0]
+
+
+def test_interleaved_deadline_keeps_at_least_one_round():
+    clock = FakeClock()
+    timings = harness.interleaved({"a": scripted(clock, [50.0, 1.0, 1.0])}, rounds=2, warmup=1, clock=clock,
+                                  progress=False, deadline=0.0)
+    assert timings["a"].seconds == [1.0]
