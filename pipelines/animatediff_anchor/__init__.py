@@ -21,17 +21,25 @@ Works on `AnimateDiffPipeline`, `AnimateDiffControlNetPipeline` and
     inversion.py  DDIM inversion of the anchor frame (encode_image, invert)
     runner.py     animate, and the wrappers enable_anchor_frame / disable_anchor_frame / anchor_frame
     export.py     save_video (.gif / .mp4)
-    training.py   non_anchor_loss (the training-based variant's loss)
+    training.py   the training-based variant: MotionTrainer / train_motion (motion modules fine-tuned on
+                  videos, the anchor through the image model only), non_anchor_loss
+    videos.py     training clips from videos (.gif / .mp4 / .webm / frame folders), latents cached on disk
+    adapter.py    motion adapters out (save_motion_adapter) and in (motion_adapter_loaded)
+    synthetic.py  a synthetic video set made in code (moving, turning, scaling shapes)
 """
 
+from .adapter import motion_adapter_loaded, motion_adapter_of, save_motion_adapter
 from .export import save_video, to_pil
 from .hooks import ControlAnchorMask, MotionBypass, check_pipeline, image_model, image_model_unet, motion_modules
 from .inversion import alphas, encode_image, invert
 from .runner import anchor_frame, animate, disable_anchor_frame, enable_anchor_frame
-from .training import non_anchor_loss
+from .training import MotionTrainConfig, MotionTrainer, MotionTrainResult, non_anchor_loss, train_motion
+from .videos import VideoClips, load_clips
 
 __all__ = [
-    "ControlAnchorMask", "MotionBypass", "alphas", "anchor_frame", "animate", "check_pipeline",
-    "disable_anchor_frame", "enable_anchor_frame", "encode_image", "image_model", "image_model_unet", "invert",
-    "motion_modules", "non_anchor_loss", "save_video", "to_pil",
+    "ControlAnchorMask", "MotionBypass", "MotionTrainConfig", "MotionTrainResult", "MotionTrainer", "VideoClips",
+    "alphas", "anchor_frame", "animate", "check_pipeline", "disable_anchor_frame", "enable_anchor_frame",
+    "encode_image", "image_model", "image_model_unet", "invert", "load_clips", "motion_adapter_loaded",
+    "motion_adapter_of", "motion_modules", "non_anchor_loss", "save_motion_adapter", "save_video", "to_pil",
+    "train_motion",
 ]

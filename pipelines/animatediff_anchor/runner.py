@@ -17,6 +17,7 @@ from diffusers_ext.ops import resolve_anchor
 from diffusers_ext.patching import PatchRecord
 from diffusers_ext.registry import get_method
 
+from .adapter import motion_adapter_loaded
 from .export import save_video
 from .hooks import check_pipeline
 from .inversion import invert
@@ -60,7 +61,8 @@ def animate(pipe, prompt: str | list[str] | None = None, *, image=None, num_fram
             num_inference_steps: int = 25, guidance_scale: float = 7.5, negative_prompt: str | None = None,
             height: int | None = None, width: int | None = None, generator: torch.Generator | None = None,
             latents: torch.Tensor | None = None, inversion_guidance_scale: float | None = None,
-            inversion_refine_steps: int = 0, output: str | Path | None = None, fps: int = 8, **kwargs: Any):
+            inversion_refine_steps: int = 0, output: str | Path | None = None, fps: int = 8,
+            motion_adapter=None, **kwargs: Any):
     """Generate a video with FAAC's anchor frame; returns the pipeline's output (`.frames`).
 
     kwargs: the `anchor_frame` method's options (anchor, mode, anchor_weight, steps, image_model_anchor,
@@ -71,6 +73,8 @@ def animate(pipe, prompt: str | list[str] | None = None, *, image=None, num_fram
         other frames take its identity. Needs a DDIMScheduler (swapped in for this call if the pipeline has
         another one) and eta = 0.
     latents: (videos, C, frames, h, w) initial noise; drawn from `generator` if None.
+    motion_adapter: a MotionAdapter or its folder (e.g. from `diffusers-ext animate-train`) whose motion
+        modules replace the pipeline's for this call (restored after).
     output: write the frames of the first video to a .gif (PIL) or .mp4 (imageio + imageio-ffmpeg, or
         opencv-python) at `fps`.
     """
@@ -96,6 +100,9 @@ def animate(pipe, prompt: str | list[str] | None = None, *, image=None, num_fram
         raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
 
     scheduler = pipe.scheduler
+    stack = contextlib.ExitStack()
+    if motion_adapter is not None:
+        stack.enter_context(motion_adapter_loaded(pipe, motion_adapter))
     if image is not None and not isinstance(scheduler, DDIMScheduler):
         logger.info("diffusers_ext: using DDIMScheduler for this call (the inverted anchor needs DDIM sampling)")
         pipe.scheduler = DDIMScheduler.from_config(scheduler.config)
@@ -116,6 +123,7 @@ def animate(pipe, prompt: str | list[str] | None = None, *, image=None, num_fram
                           negative_prompt=negative_prompt, latents=latents, **kwargs)
     finally:
         pipe.scheduler = scheduler
+        stack.close()
     if output is not None:
         frames = result.frames if hasattr(result, "frames") else result[0]
         save_video(frames[0], output, fps=fps)
