@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers_ext.patching import PatchRecord
-from helpers import denoiser_inputs, run_denoiser
+from helpers import assert_rounded_from_exact, denoiser_inputs, heads_of, pool_loop, run_denoiser
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 import diffusers_ext as dx
 from diffusers_ext.families import AttentionSite
 from diffusers_ext.merge import destination_positions, match_on_grid
-from diffusers_ext.ops import agent_attention, pool_on_grid
+from diffusers_ext.ops import agent_attention
 from diffusers_ext.registry import get_method
 from diffusers_ext.steps import Schedule, StepState
 from diffusers_ext.testing import tiny_sd_unet
@@ -180,7 +180,7 @@ def test_processor_pooled_agents_without_merging_matches_dense():
     x = torch.randn(2, 96, 32)
     with torch.no_grad():
         out = attn(x)
-        agents = pool_on_grid(x, (8, 12), (2, 3))
+        agents = pool_loop(x, (8, 12), (2, 3))
         expected = _dense_reference(attn, x, agents, 0.3, 0.075)
     assert out.shape == x.shape and out.dtype == x.dtype
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
@@ -228,17 +228,28 @@ def test_no_merge_outside_agent_steps_is_stock_exactly():
 
 
 def test_upcast_attention_computes_in_fp32():
+    """SD 2.x's upcast_attention on a bf16 module: projections in bf16 (the module's), attention in fp32,
+    the output rounded to bf16 once. The reference takes the same bf16 projections, computes the
+    attention in float64 and checks the output is within half a bf16 ulp of it (to_out is the identity;
+    inputs are multiples of 1/8, so the pooled agents are exact in bf16)."""
     torch.manual_seed(4)
     attn, site = _site()
     attn.upcast_attention = True
+    with torch.no_grad():
+        attn.to_out[0].weight.copy_(torch.eye(32))
+        attn.to_out[0].bias.zero_()
     attn.to(torch.bfloat16)
     _processor(attn, site, (8, 8), agent_source="pool", merge_ratio=0.0, agent_stride=4)
-    x = torch.randn(1, 64, 32).to(torch.bfloat16)
+    x = (torch.randint(-8, 9, (2, 64, 32)) / 8).to(torch.bfloat16)
     with torch.no_grad():
         out = attn(x)
-        reference = _dense_reference(attn.float(), x.float(), pool_on_grid(x.float(), (8, 8), (2, 2)), 0.3, 0.075)
+        agents = pool_loop(x.double(), (8, 8), (2, 2)).to(torch.bfloat16)
+        q, k, v, a = (heads_of(f(z), 4).double() for f, z in
+                      ((attn.to_q, x), (attn.to_k, x), (attn.to_v, x), (attn.to_q, agents)))
+        o = softmax_attention(q, a, softmax_attention(a, k, v, 8**-0.5), 8 ** (-0.5 * 0.3)) + 0.075 * v
+        exact = o.transpose(1, 2).reshape(2, 64, 32)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)
+    assert_rounded_from_exact(out, exact)
 
 
 def test_cfg_halves_get_the_same_treatment():

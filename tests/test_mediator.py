@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import heads_of, pool_loop
 
 import diffusers_ext as dx
-from diffusers_ext.ops import agent_attention, interpolated_bias, pool_on_grid
-from diffusers_ext.processor import split_heads
+from diffusers_ext.ops import interpolated_bias
 from diffusers_ext.testing import tiny_pipeline
 from diffusers_ext.processors.mediator import MediatorAttnProcessor, MediatorCounts
 
@@ -70,9 +70,9 @@ def _run_attention(record, attn, proc, x, grid):
 def dense_mediator_attention(attn, proc, x, grid, count):
     """The paper's equations with explicit softmax matrices."""
     heads, s = attn.heads, attn.scale
-    q, k, v = (split_heads(f(x), heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+    q, k, v = (heads_of(f(x), heads) for f in (attn.to_q, attn.to_k, attn.to_v))
     side = int(count**0.5)
-    t = pool_on_grid(q, grid, (side, side))
+    t = pool_loop(q, grid, (side, side))
     tables = lambda p: (getattr(proc, p + "_table"), getattr(proc, p + "_rows"), getattr(proc, p + "_cols"))  # noqa
     b1 = dense_bias(*tables("to_tokens"), (side, side), grid)
     b2 = dense_bias(*tables("to_mediators"), (side, side), grid).transpose(-1, -2)
@@ -82,7 +82,7 @@ def dense_mediator_attention(attn, proc, x, grid, count):
     conv = proc.dwc.conv
     image = v.transpose(1, 2).reshape(x.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2)
     dw = torch.nn.functional.conv2d(image, conv.weight, conv.bias, padding=1, groups=image.shape[1])
-    o = o + split_heads(dw.flatten(2).transpose(1, 2), heads)
+    o = o + heads_of(dw.flatten(2).transpose(1, 2), heads)
     o = o.transpose(1, 2).reshape(x.shape[0], -1, heads * q.shape[-1])
     return attn.to_out[0](o)
 
@@ -103,17 +103,23 @@ def test_trained_mediators_match_dense_reference(grid, count):
 
 
 def test_zero_init_is_pooled_query_agent_attention_exactly():
+    """Zero biases and DWC: softmax(s Q T^T) softmax(s T K^T) V with T the queries pooled on 4 x 4
+    cells, to float64 rounding (the layer run in float64)."""
     pipe = tiny_pipeline("dit")
     record, attn, proc = _processor(pipe, 16)
     assert all(not p.any() for p in proc.parameters())
+    attn.double()
     grid = (8, 8)
-    x = torch.randn(2, 64, attn.inner_dim)
+    x = torch.randn(2, 64, attn.inner_dim, dtype=torch.float64)
     got = _run_attention(record, attn, proc, x, grid)
     with torch.no_grad():
-        q, k, v = (split_heads(f(x), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
-        o = agent_attention(q, k, v, pool_on_grid(q, grid, (4, 4)), attn.scale, attn.scale)
-        expected = attn.to_out[0](o.transpose(1, 2).reshape(2, 64, -1))
-    assert torch.equal(got, expected)
+        q, k, v = (heads_of(f(x), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+        t = pool_loop(q, grid, (4, 4))
+        soft = lambda a, b: torch.softmax(attn.scale * a @ b.transpose(-1, -2), -1)  # noqa: E731
+        o = soft(q, t) @ (soft(t, k) @ v)
+        expected = attn.to_out[0](o.permute(0, 2, 1, 3).reshape(2, 64, -1))
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_schedule_switches_counts_at_the_right_steps():

@@ -1,12 +1,16 @@
 """VCA: math against a dense reference, the start point, options."""
 
+import math
+
 import pytest
 import torch
+from helpers import heads_of, pool_loop
 
 import diffusers_ext as dx
-from diffusers_ext.ops import pool_on_grid
-from diffusers_ext.processor import split_heads
 from diffusers_ext.testing import tiny_pipeline
+
+# Diff Transformer's lambda_init = 0.8 - 0.6 exp(-0.3 depth) of the layer `_patched` watches (block 1)
+LAMBDA_INIT = 0.8 - 0.6 * math.exp(-0.3 * 1)
 
 
 def _patched(tokens=16):
@@ -29,24 +33,24 @@ def rms(x, w, eps=1e-5):
 def dense_vca(attn, proc, x, grid):
     """METHODS.md section 5 with explicit softmax matrices."""
     h, s = attn.heads, attn.scale
-    q, k, v = (split_heads(f(x), h) for f in (attn.to_q, attn.to_k, attn.to_v))
+    q, k, v = (heads_of(f(x), h) for f in (attn.to_q, attn.to_k, attn.to_v))
     side = int(proc.num_tokens**0.5)
-    t = pool_on_grid(q, grid, (side, side))
-    tp = t + split_heads(proc.pos_embedding[None], h)
-    tn = t + split_heads(proc.neg_embedding[None], h)
+    t = pool_loop(q, grid, (side, side))
+    tp = t + heads_of(proc.pos_embedding[None], h)
+    tn = t + heads_of(proc.neg_embedding[None], h)
     lam = []
     for i in range(2):
         lq, lk = proc.lambda_q[i], proc.lambda_k[i]
-        lam.append(torch.exp(lq[0] @ lk[0]) - torch.exp(lq[1] @ lk[1]) + proc.lambda_init)
+        lam.append(torch.exp(lq[0] @ lk[0]) - torch.exp(lq[1] @ lk[1]) + LAMBDA_INIT)
     soft = lambda a, b: torch.softmax(s * a @ b.transpose(-1, -2), -1)  # noqa: E731
     vp, vn = soft(tp, k) @ v, soft(tn, k) @ v
-    c = 1 - proc.lambda_init
+    c = 1 - LAMBDA_INIT
     v_hat = c * rms(vp - lam[0] * vn, proc.norm1_weight)
     o = c * rms((soft(q, tp) - lam[1] * soft(q, tn)) @ v_hat, proc.norm2_weight)
     conv = proc.dwc.conv
     image = v.transpose(1, 2).reshape(x.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2)
     dw = torch.nn.functional.conv2d(image, conv.weight, conv.bias, padding=1, groups=image.shape[1])
-    o = o + split_heads(dw.flatten(2).transpose(1, 2), h)
+    o = o + heads_of(dw.flatten(2).transpose(1, 2), h)
     return attn.to_out[0](o.transpose(1, 2).reshape(x.shape[0], -1, h * q.shape[-1]))
 
 
@@ -73,11 +77,12 @@ def test_start_point_is_lambda_free_and_close_to_pooled_attention():
     with torch.no_grad():
         proc.lambda_q.mul_(3.0)
     torch.testing.assert_close(_attend(record, attn, proc, x, grid), out)
-    assert proc.lambdas()[0].item() != pytest.approx(proc.lambda_init)
+    assert proc.lambdas()[0].item() != pytest.approx(LAMBDA_INIT)
     with torch.no_grad():
         proc.lambda_q.div_(3.0)
-    assert proc.lambdas()[0].item() == pytest.approx(proc.lambda_init, abs=0.2)
-    assert 0.2 <= proc.lambda_init < 0.8
+    assert proc.lambdas()[0].item() == pytest.approx(LAMBDA_INIT, abs=0.2)
+    assert proc.lambda_init == pytest.approx(LAMBDA_INIT, abs=1e-12)
+    assert pipe.transformer.transformer_blocks[0].attn1.processor.lambda_init == pytest.approx(0.2, abs=1e-12)
 
 
 def test_vca_patch_runs_restores_and_checks():
@@ -111,9 +116,24 @@ def test_vca_gradients_reach_new_parameters():
 
 
 def test_calibration_matches_pooled_attention_rms_once_and_spares_trained_gains():
+    """The first batch sets the stage-II gain so that the output's RMS per channel (over batch, heads
+    and tokens) is that of pooled-query agent attention softmax(s Q T^T) softmax(s T K^T) V on it
+    (to_out is the identity here, so the output is the heads merged; the zero DWC adds nothing)."""
     pipe, record, attn, proc = _patched(16)
+    with torch.no_grad():
+        attn.to_out[0].weight.copy_(torch.eye(attn.inner_dim))
+        attn.to_out[0].bias.zero_()
     x = torch.randn(2, 64, attn.inner_dim)
-    _attend(record, attn, proc, x, (8, 8))
+    out = heads_of(_attend(record, attn, proc, x, (8, 8)).double(), attn.heads)
+    with torch.no_grad():
+        q, k, v = (heads_of(f(x).double(), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+        t = pool_loop(q, (8, 8), (4, 4))
+        soft = lambda a, b: torch.softmax(attn.scale * a @ b.transpose(-1, -2), -1)  # noqa: E731
+        pooled = soft(q, t) @ (soft(t, k) @ v)
+    rms_per_channel = lambda o: o.pow(2).mean((0, 1, 2)).sqrt()  # noqa: E731
+    assert not torch.allclose(rms_per_channel(pooled), rms_per_channel(pooled).mean().expand(out.shape[-1]),
+                              rtol=1e-2)                                       # the channels do differ
+    torch.testing.assert_close(rms_per_channel(out), rms_per_channel(pooled), rtol=1e-5, atol=0)
     gain = proc.norm2_weight.detach().clone()
     assert not torch.equal(gain, torch.ones_like(gain))
     _attend(record, attn, proc, torch.randn(2, 64, attn.inner_dim), (8, 8))
