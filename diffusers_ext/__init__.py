@@ -13,7 +13,7 @@ from .errors import DiffusersExtError, OptionError, PatchError, UnsupportedModel
 from .families import AttentionSite, Family, families, family_of, register_family
 from .joint import JointAttentionMethod, JointAttentionProcessor
 from .patching import PatchRecord, methods, patch, patch_record, patched, unpatch
-from .processor import PatchProcessor, SelfAttentionProcessor
+from .processor import PatchProcessor, SelfAttentionProcessor, compose_with
 from .registry import STEPS, Method, Option, boolean, number, one_of, parse_options, register_method, schedule
 
 __version__ = "0.1.0"
@@ -22,7 +22,7 @@ __all__ = [
     "patch", "unpatch", "patched", "patch_record", "methods", "PatchRecord", "parse_options",
     # extending: methods, options, processor bases, families
     "Method", "Option", "STEPS", "register_method", "number", "one_of", "boolean", "schedule",
-    "PatchProcessor", "SelfAttentionProcessor", "JointAttentionProcessor", "JointAttentionMethod",
+    "PatchProcessor", "SelfAttentionProcessor", "compose_with", "JointAttentionProcessor", "JointAttentionMethod",
     "Family", "AttentionSite", "register_family", "families", "family_of",
     # errors
     "DiffusersExtError", "OptionError", "UnsupportedModelError", "PatchError",

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from .argtypes import finite_float, positive_int
+
 DEFAULT_MODEL = "tiny:animatediff"
 
 
@@ -27,18 +29,20 @@ def register(subparsers) -> None:
     parser.add_argument("--prompt", default="a portrait photo of a person smiling")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--image", default=None, help="a photo to animate: the anchor starts from its DDIM inversion")
-    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--motion-adapter", default=None, help="a motion-adapter folder (e.g. from animate-train) "
+                        "in place of the pipeline's motion modules")
+    parser.add_argument("--frames", type=positive_int, default=16)
     parser.add_argument("--anchor", default=None, help="the option `anchor`: anchor frame index (-1 = last)")
     parser.add_argument("--mode", default=None, help="the option `mode`: concat or replace")
     parser.add_argument("--anchor-weight", default=None, help="the option `anchor_weight`")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE",
                         help="another option of the method anchor_frame, repeatable (e.g. image_model_anchor=False)")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps")
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--steps", type=positive_int, default=25, help="denoising steps")
+    parser.add_argument("--guidance-scale", type=finite_float, default=7.5)
+    parser.add_argument("--height", type=positive_int, default=None)
+    parser.add_argument("--width", type=positive_int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--fps", type=positive_int, default=8)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="outputs/animation.gif", help=".gif or .mp4")
@@ -65,6 +69,11 @@ def _main(args) -> int:
     if "num_frames" in texts:
         raise OptionError("option `num_frames` is set by --frames here")
     options = parse_options(texts, "anchor_frame")
+    from diffusers_ext.files import check_writable
+    from diffusers_ext.loading import resolve_device
+
+    check_writable(args.out, "--out")   # before any work, naming the real path
+    resolve_device(args.device)
     image = None
     if args.image is not None:
         image = Image.open(args.image).convert("RGB")  # FileNotFoundError is reported cleanly
@@ -73,7 +82,7 @@ def _main(args) -> int:
     animate(pipe, args.prompt, image=image, num_frames=args.frames, num_inference_steps=args.steps,
             guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, height=args.height,
             width=args.width, generator=torch.Generator("cpu").manual_seed(args.seed), output=args.out,
-            fps=args.fps, **options)
+            fps=args.fps, motion_adapter=args.motion_adapter, **options)
     given = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "defaults"
     print(f"wrote {args.out} ({args.frames} frames, anchor_frame options: {given})")
     return 0

@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "diffusers_ext.eval.cli",
     "diffusers_ext.distill.cli",
     "diffusers_ext.animate_cli",
+    "diffusers_ext.animate_train_cli",
     "diffusers_ext.app.cli",
 )
 
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DiffusersExtError, ValueError, OSError) as err:
         print(f"diffusers-ext {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:   # Ctrl-C: one line (what was kept, when the command says), 128 + SIGINT
+        print(f"diffusers-ext {args.command}: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

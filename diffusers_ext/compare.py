@@ -1,4 +1,4 @@
-"""`diffusers-ext compare`: the stock and the patched pipeline from the same seed, side by side.
+r"""`diffusers-ext compare`: the stock and the patched pipeline from the same seed, side by side.
 
     diffusers-ext compare                                  # offline: the shipped digits SiT, mediators
     diffusers-ext compare --model tiny:sd                  # an embedded tiny SD pipeline, agent attention
@@ -21,12 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .argtypes import finite_float, positive_int
 from .families import families, family_of, find_denoiser
-from .pipeline_io import DenoiserTimer, call_kwargs, default_class_labels, images_of
+from .pipeline_io import DenoiserTimer, call_kwargs, check_conditions, default_class_labels, images_of, recipe
 from .registry import all_methods, parse_options, split_option_pairs
+from .steps import partial_run
 
 DEFAULT_MODEL = "digits"
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
+DEFAULT_STEPS = 20   # for models without a recipe (`pipeline_io.recipe`)
 
 
 @dataclass
@@ -116,10 +119,10 @@ def compare_pipeline(pipe, method: str, options: dict | None, kwargs: dict, *, w
     def fresh(**extra) -> dict:
         return {**kwargs, **extra, "generator": torch.Generator("cpu").manual_seed(seed)}
 
-    pipe.set_progress_bar_config(disable=True)
     if warmup:
+        pipe.set_progress_bar_config(disable=progress is not None, desc="warm-up")   # progress from the start
         for patched in (False, True):
-            with dx.patched(pipe, method, **options) if patched else contextlib.nullcontext():
+            with dx.patched(pipe, method, **options) if patched else contextlib.nullcontext(), partial_run():
                 run_once(pipe, "warm-up", fresh(num_inference_steps=1), denoiser, counted("warm-up"))
     pipe.set_progress_bar_config(disable=progress is not None, desc="stock")
     stock = run_once(pipe, "stock", fresh(), denoiser, counted("stock"))
@@ -141,35 +144,55 @@ def compare_pipeline(pipe, method: str, options: dict | None, kwargs: dict, *, w
 
 
 def compare(model: str = DEFAULT_MODEL, method: str | None = None, options: dict | list[str] | None = None,
-            prompt: str = DEFAULT_PROMPT, class_label: int | None = None, steps: int = 20, guidance: float | None = None,
-            height: int | None = None, width: int | None = None, seed: int = 0, out: str | None = None,
-            dtype: str = "auto", device: str = "auto", warmup: bool = True) -> dict:
-    """Generate with the stock and the patched pipeline; returns a summary dict (and writes `out`).
+            prompt: str | None = None, class_label: int | None = None, steps: int | None = None,
+            guidance: float | None = None, height: int | None = None, width: int | None = None, seed: int = 0,
+            out: str | None = None, dtype: str = "auto", device: str = "auto", warmup: bool = True,
+            json_out: str | None = None) -> dict:
+    """Generate with the stock and the patched pipeline; returns a summary dict (and writes `out`,
+    and the summary as JSON to `json_out`).
 
-    method None: the model family's default (`Family.default_method`); class_label None:
-    `default_class_labels`. options: typed values, or `--option` texts (["key=value", ...], read by
-    each option's kind once the method is known).
+    method None: the model family's default (`Family.default_method`); prompt None: `DEFAULT_PROMPT`
+    for text models (a prompt for a class-conditional model is an error, as a class label for a text
+    model); class_label None: `default_class_labels`; steps / guidance None: the model's recipe
+    (`pipeline_io.recipe`), else `DEFAULT_STEPS` and the pipeline's guidance. options: typed values,
+    or `--option` texts (["key=value", ...], read by each option's kind once the method is known).
     """
-    from .loading import load_pipeline
+    from .files import atomic_write_text, check_writable
+    from .loading import load_pipeline, resolve_device
 
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     texts = split_option_pairs(options) if isinstance(options, list) else None   # syntax errors before loading
     if method is not None and texts is not None:
         parse_options(texts, method)                                  # unknown names before loading
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    for flag, path in (("--out", out), ("--json", json_out)):
+        if path is not None:
+            check_writable(path, flag)                                # before any work, naming the real path
+    resolve_device(device)
     pipe = load_pipeline(model, dtype=dtype, device=device)
+    check_conditions(pipe, prompt="--prompt" if prompt is not None else None,
+                     class_label="--class-label" if class_label is not None else None)
     method = method or default_method(pipe)
     if texts is not None:
         options = parse_options(texts, method)
     labels = default_class_labels(pipe) if class_label is None else class_label
-    kwargs = call_kwargs(pipe, prompt, labels, steps, guidance, height, width, seed)
+    recommended = recipe(pipe)   # what the call is not given: the model's recipe
+    steps = steps or recommended.pop("num_inference_steps", DEFAULT_STEPS)
+    guidance = recommended.pop("guidance_scale", guidance) if guidance is None else guidance
+    recommended = {k: v for k, v in recommended.items() if k not in ("num_inference_steps", "guidance_scale")}
+    kwargs = {**recommended, **call_kwargs(pipe, DEFAULT_PROMPT if prompt is None else prompt, labels, steps,
+                                           guidance, height, width, seed)}
     result = compare_pipeline(pipe, method, options, kwargs, warmup=warmup)
     summary = {"model": model, **result.summary}
     if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         side_by_side(result.stock, result.patched).save(out)
         summary["image"] = str(out)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(summary, indent=2))
     return summary
 
 
@@ -186,14 +209,16 @@ def register(subparsers) -> None:
                              + ", ".join(f"{f.name} {f.default_method}" for f in families().values()))
     parser.add_argument("--option", action="append", metavar="KEY=VALUE",
                         help="method option, repeatable; each read by its kind (`diffusers-ext methods` lists them)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--prompt", default=None,
+                        help=f"text-to-image pipelines (default {DEFAULT_PROMPT!r}); an error for class-conditional ones")
     parser.add_argument("--class-label", type=int, default=None,
                         help="class for class-conditional pipelines (default: every digit once for the digits "
-                             "model, 207 for ImageNet ones)")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-    parser.add_argument("--guidance-scale", type=float, default=None)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
+                             "model, 207 for ImageNet ones); an error for text-to-image ones")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help=f"denoising steps (default: the model's recipe, e.g. 12 for digits; else {DEFAULT_STEPS})")
+    parser.add_argument("--guidance-scale", type=finite_float, default=None)
+    parser.add_argument("--height", type=positive_int, default=None)
+    parser.add_argument("--width", type=positive_int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
     parser.add_argument("--device", default="auto")
@@ -211,6 +236,7 @@ def _main(args) -> int:
     summary = compare(
         args.model, args.method, list(args.option or []), args.prompt, args.class_label, args.steps,
         args.guidance_scale, args.height, args.width, args.seed, args.out, args.dtype, args.device, args.warmup,
+        json_out=args.json_out,
     )
     print(
         f"{summary['pipeline']} ({summary['model']}), {summary['steps']} steps: "
@@ -219,8 +245,6 @@ def _main(args) -> int:
         f"image rel. L2 difference {summary['image_rel_l2']:.4f}"
     )
     print(f"side-by-side image: {summary['image']}")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return 0
 
 

@@ -191,6 +191,7 @@ def make_pipeline(transformer):
     pipe = SiTPipeline(transformer=transformer, vae=None, scheduler=SiTScheduler(),
                        id2label={i: str(i) for i in range(NUM_CLASSES)})
     pipe.default_guidance_scale = SAMPLING["guidance_scale"]   # 4.0, SiT's default, over-saturates the digits
+    pipe.recipe = dict(SAMPLING)   # what every command uses unless told otherwise (pipeline_io.recipe)
     return pipe
 
 

@@ -20,3 +20,11 @@ class UnsupportedModelError(DiffusersExtError, TypeError, ValueError):
 
 class PatchError(DiffusersExtError, ValueError):
     """A patch that cannot be made as asked (it would replace nothing; weights that do not fit)."""
+
+
+class DeviceError(DiffusersExtError, ValueError):
+    """A device that does not exist here (`cuda` without CUDA, `cuda:3` on a one-GPU machine)."""
+
+
+class TrainingError(DiffusersExtError, ArithmeticError):
+    """A fine-tune that cannot go on (a non-finite loss); nothing of it is saved."""

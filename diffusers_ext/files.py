@@ -20,9 +20,44 @@ def _umask() -> int:
     return mask
 
 
+def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Raise an `OSError` naming `path` unless a file can be written there; creates nothing.
+
+    The check a command makes before any work: `path` is not a folder, and its folder exists and is
+    writable, or the nearest existing ancestor is a writable folder (the missing ones can be made).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OSError(f"{what} {path} is a folder; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OSError(f"{what} {path} is not writable")
+    check_writable_folder(path.parent, what=f"{what} {path}: its folder")
+    return path
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Raise an `OSError` naming `folder` unless files can be written in it (it, or the nearest
+    existing ancestor that would hold it, is a writable folder); creates nothing."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OSError(f"{what} {folder} is not writable: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OSError(f"{what} {folder} is not writable: {existing} does not allow it")
+    return folder
+
+
 def temp_path(path: Path) -> Path:
-    """A new empty file next to `path` (same folder, so `os.replace` is atomic), mode 0666 & ~umask."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """A new empty file next to `path` (same folder, so `os.replace` is atomic), mode 0666 & ~umask.
+    An `OSError` names `path`, never the temporary name."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise OSError(f"cannot write {path}: {err.strerror or err}") from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())
     return Path(tmp)

@@ -26,11 +26,25 @@ def embedded_family(model: str) -> str | None:
     return EMBEDDED_FAMILIES.get(model)
 
 
-def resolve_device(device: str | None = None) -> torch.device:
-    """`None` / "auto" -> CUDA when available, else CPU."""
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """`None` / "auto" -> CUDA when available, else CPU. A device this machine does not have (or a
+    name torch does not know) is a `DeviceError` naming it and what is available."""
+    from .errors import DeviceError
+
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from err
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"device {device!r}: CUDA is not available on this machine (torch "
+                              f"{torch.__version__}); use --device cpu or auto")
+        if resolved.index is not None and resolved.index >= count:
+            raise DeviceError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -344,6 +344,32 @@ def _neighborhood_axis(length: int, kernel_size: int, tile: int, device):
     return queries, keys, inside, keys[:, None, :] - queries[..., None]
 
 
+@functools.lru_cache(maxsize=64)
+def _neighborhood_layout(height: int, width: int, kernel_size: int, tile: int, device: torch.device,
+                         dtype: torch.dtype):
+    """What `neighborhood_attention` needs of a grid besides q, k, v; built once per (grid, kernel, tile,
+    device, dtype) and reused by every layer and call (it is the same for all of them):
+
+    query_index (Q,) / key_index (K,): token indices in the tile layout (tile (Y, X), then row-major
+    inside it); slot (N,): each token's place in the query layout; bias (tiles, per tile, region): 0 inside
+    a query's window, -inf outside, in `dtype`; dy (ny, ty, ry) / dx (nx, tx, rx): key - query offsets (for
+    a relative position bias). Built outside inference mode, so the tensors also serve autograd later."""
+    with torch.inference_mode(False), torch.no_grad():
+        qy, ky, in_y, dy = _neighborhood_axis(height, kernel_size, tile, device)
+        qx, kx, in_x, dx = _neighborhood_axis(width, kernel_size, tile, device)
+        (ny, ty), (nx, tx), ry, rx = qy.shape, qx.shape, ky.shape[1], kx.shape[1]
+        num_tiles, per_tile, region = ny * nx, ty * tx, ry * rx
+        query_index = (qy[:, None, :, None] * width + qx[None, :, None, :]).reshape(-1)  # (ny, nx, ty, tx)
+        key_index = (ky[:, None, :, None] * width + kx[None, :, None, :]).reshape(-1)    # (ny, nx, ry, rx)
+        i = torch.arange(height, device=device)[:, None]
+        j = torch.arange(width, device=device)[None, :]
+        slot = (((i // ty) * nx + j // tx) * per_tile + (i % ty) * tx + j % tx).reshape(-1)  # token -> its slot
+        inside = (in_y[:, None, :, None, :, None] & in_x[None, :, None, :, None, :]).reshape(num_tiles, per_tile,
+                                                                                           region)
+        bias = torch.zeros(inside.shape, dtype=dtype, device=device).masked_fill_(~inside, float("-inf"))
+    return query_index, key_index, slot, bias, dy, dx
+
+
 def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],
                            kernel_size: int, scale: float, rpb: torch.Tensor | None = None) -> torch.Tensor:
     """2-D neighbourhood softmax attention with NATTEN's border semantics (see the section comment).
@@ -363,21 +389,12 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gr
     if rpb is not None and tuple(rpb.shape) != (heads, 2 * kernel_size - 1, 2 * kernel_size - 1):
         raise ValueError(f"neighborhood_attention: rpb must be ({heads}, {2 * kernel_size - 1}, "
                          f"{2 * kernel_size - 1}), got {tuple(rpb.shape)}")
-    qy, ky, in_y, dy = _neighborhood_axis(height, kernel_size, NEIGHBORHOOD_TILE, q.device)
-    qx, kx, in_x, dx = _neighborhood_axis(width, kernel_size, NEIGHBORHOOD_TILE, q.device)
-    (ny, ty), (nx, tx), ry, rx = qy.shape, qx.shape, ky.shape[1], kx.shape[1]
-    num_tiles, per_tile, region = ny * nx, ty * tx, ry * rx
-
-    # token indices in the tile layout (tile (Y, X), then row-major inside it)
-    query_index = (qy[:, None, :, None] * width + qx[None, :, None, :]).reshape(-1)  # (ny, nx, ty, tx)
-    key_index = (ky[:, None, :, None] * width + kx[None, :, None, :]).reshape(-1)    # (ny, nx, ry, rx)
-    i = torch.arange(height, device=q.device)[:, None]
-    j = torch.arange(width, device=q.device)[None, :]
-    slot = (((i // ty) * nx + j // tx) * per_tile + (i % ty) * tx + j % tx).reshape(-1)  # token -> its slot
-
     work = upcast_dtype(q.dtype)
-    inside = (in_y[:, None, :, None, :, None] & in_x[None, :, None, :, None, :]).reshape(num_tiles, per_tile, region)
-    bias = torch.zeros(inside.shape, dtype=work, device=q.device).masked_fill_(~inside, float("-inf"))
+    # compiled: traced into the graph (dynamo ignores an lru_cache); eager: built once per grid
+    build = _neighborhood_layout.__wrapped__ if torch.compiler.is_compiling() else _neighborhood_layout
+    layout = build(height, width, kernel_size, NEIGHBORHOOD_TILE, q.device, work)
+    query_index, key_index, slot, bias, dy, dx = layout
+    num_tiles, per_tile, region = bias.shape
     if rpb is not None:
         last = kernel_size - 1
         rel = rpb.to(work)[:, (dy + last).clamp(0, 2 * last)[:, None, :, None, :, None],

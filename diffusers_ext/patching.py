@@ -23,6 +23,7 @@ import torch
 
 from .errors import PatchError, UnsupportedModelError
 from .families import AttentionSite, describe_sites, family_of, find_denoiser
+from .processor import InstalledGuard, check_denoiser, check_original
 from .registry import get_method
 from .steps import StepState, attach_step_tracker, detach_step_tracker
 
@@ -121,6 +122,9 @@ def patch(pipe_or_model, method: str, *, weights: str | None = None, **options) 
         else site.module.processor
         for site in sites
     }
+    check_denoiser(denoiser, method)
+    for site in sites:  # a processor that is not a stock one is refused, never replaced silently
+        check_original(originals[site.name], site.name, method)
     record = PatchRecord(
         method, family.name, resolved, StepState(schedules=schedules), originals=originals,
         _denoiser=weakref.ref(denoiser), _pipeline=weakref.ref(pipeline) if pipeline is not None else None,
@@ -137,6 +141,7 @@ def patch(pipe_or_model, method: str, *, weights: str | None = None, **options) 
         if param is not None and isinstance(processor, torch.nn.Module):
             processor.to(device=param.device)
         site.module.set_processor(processor)
+    record.state.guard = InstalledGuard(method, [(site.module, processors[site.name]) for site in sites])
     attach_step_tracker(denoiser, record.state, pipeline)
     setattr(denoiser, RECORD_ATTRIBUTE, record)
     try:
@@ -178,7 +183,13 @@ def patch_record(pipe_or_model) -> PatchRecord | None:
 
 @contextlib.contextmanager
 def patched(pipe_or_model, method: str, **options):
-    """Context manager: patched inside, restored exactly on exit (also on errors)."""
+    """Context manager: patched inside, restored exactly on exit (also on errors). A model that is
+    already patched is refused (a `PatchError`): on exit it would lose the outer patch."""
+    outer = patch_record(pipe_or_model)
+    if outer is not None:
+        raise PatchError(
+            f"the model is already patched with {outer.method!r}; `patched` restores the stock model on exit, "
+            "which would drop that patch: dx.unpatch it first, or call dx.patch to replace it")
     record = patch(pipe_or_model, method, **options)
     try:
         yield record

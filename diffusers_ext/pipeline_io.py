@@ -6,6 +6,8 @@ this module how:
     pipeline_kind(pipe)                 "class" (class_labels), "text" (prompt) or "unconditional"
     num_classes(pipe)                   the class count of a class-conditional pipeline, or None
     default_class_labels(pipe)          every class once for small label sets, else ImageNet's 207
+    check_conditions(pipe, prompt=...)  the kind; an error for a condition the pipeline does not take
+    recipe(pipe)                        the model's recommended call arguments (steps, guidance, sampler)
     call_kwargs(pipe, ...)              the keyword arguments of one call (steps, seed, condition, size)
     latent_shape(pipe, height, width)   (C, h, w) of one sample's initial latents, where `latents=` is taken
     images_of(output)                   (H, W, 3) float arrays in [0, 1] (grey as RGB; video frames side by side)
@@ -16,6 +18,7 @@ this module how:
 from __future__ import annotations
 
 import inspect
+import math
 import time
 
 import numpy as np
@@ -45,6 +48,28 @@ def pipeline_kind(pipe) -> str:
     return "unconditional"
 
 
+def check_conditions(pipe, **given: str | None) -> str:
+    """The pipeline's kind (`pipeline_kind`); a `PipelineCallError` when a condition it does not take
+    is given. `given`: prompt= / class_label= -> the flag that gave it (None: not given), e.g.
+    `check_conditions(pipe, prompt="--prompt", class_label=None)`. One rule for every command."""
+    kind = pipeline_kind(pipe)
+    takes = {"class": "class_label", "text": "prompt"}.get(kind)
+    described = {"class": "a class-conditional pipeline", "text": "a text-to-image pipeline"}
+    for condition, flag in given.items():
+        if flag is not None and condition != takes:
+            raise PipelineCallError(f"{type(pipe).__name__} takes no {condition.replace('_', ' ')}s "
+                                    f"({described.get(kind, f'an {kind} pipeline')}); drop {flag}")
+    return kind
+
+
+def recipe(pipe) -> dict:
+    """The call arguments the model recommends (`pipe.recipe`, e.g. the digits SiT's 12 Heun steps at
+    guidance 2: `digits.SAMPLING`), limited to those the pipeline takes; {} when it has none. Every
+    command uses them for what the user does not give."""
+    params = call_parameters(pipe)
+    return {k: v for k, v in (getattr(pipe, "recipe", None) or {}).items() if k in params}
+
+
 def num_classes(pipe) -> int | None:
     """The number of classes of a class-conditional pipeline's denoiser (or of its label table), or None."""
     model = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
@@ -69,6 +94,8 @@ def call_kwargs(pipe, prompt: str, class_label: int | list[int], steps: int, gui
     condition (class labels: one label repeated `batch_size` times, or the given list; else the
     prompt with `batch_size` images or videos per prompt), guidance and size where given."""
     params = call_parameters(pipe)
+    if guidance is not None and not math.isfinite(guidance):
+        raise PipelineCallError(f"the guidance scale must be a finite number, got {guidance!r}")
     kwargs = {"num_inference_steps": steps, "generator": torch.Generator("cpu").manual_seed(seed),
               "output_type": "np"}
     if "class_labels" in params:

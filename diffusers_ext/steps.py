@@ -19,6 +19,8 @@ does not recompile every step.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import math
 import weakref
@@ -85,6 +87,26 @@ class Schedule:
             return self.start <= step_index < self.end
         return self.start <= progress < self.end or (self.end >= 1.0 and progress >= 1.0)
 
+    def acts_in(self, num_steps: int) -> bool:
+        """Whether some step of a run of `num_steps` falls in the schedule (step i is at progress i / n)."""
+        if self.by_index:
+            return self.start < num_steps
+        return any(self.contains(i, i / num_steps) for i in range(num_steps))
+
+
+_PARTIAL_RUN = contextvars.ContextVar("diffusers_ext_partial_run", default=False)
+
+
+@contextlib.contextmanager
+def partial_run():
+    """Inside: runs that stand for part of a real one (a one-step warm-up) may miss a schedule given
+    as step indices; elsewhere a schedule that lies outside the run is an `OptionError`."""
+    token = _PARTIAL_RUN.set(True)
+    try:
+        yield
+    finally:
+        _PARTIAL_RUN.reset(token)
+
 
 @dataclass
 class StepState:
@@ -98,9 +120,21 @@ class StepState:
     progress: float = 0.0
     latent_hw: tuple[int, int] | None = None
     num_frames: int | None = None
+    guard: Any = None   # called before every forward: raises if the patch's processors were replaced
 
     def update(self, timestep, step_index, num_steps, progress) -> None:
         self.timestep, self.step_index, self.num_steps, self.progress = timestep, step_index, num_steps, progress
+        if num_steps is not None and not _PARTIAL_RUN.get():
+            for key, s in self.schedules.items():
+                if not s.acts_in(num_steps):
+                    from .errors import OptionError
+
+                    where = (f"step indices 0..{num_steps - 1}" if s.by_index else
+                             f"its steps start at fractions {', '.join(f'{i / num_steps:g}' for i in range(min(num_steps, 4)))}"
+                             + (", ..." if num_steps > 4 else ""))
+                    raise OptionError(
+                        f"option `{key}`=({s.start}, {s.end}) never acts in this run of {num_steps} steps ({where}); "
+                        "give a part of the run that holds a step, e.g. (0.0, 0.4)")
         self.active = {key: s.contains(step_index, progress) for key, s in self.schedules.items()}
 
     def grid(self, num_tokens: int) -> tuple[int, int] | None:
@@ -137,7 +171,8 @@ class StepTracker(ModelHook):
         self._signature = None
 
     def initialize_hook(self, module):
-        self._signature = inspect.signature(module.forward)
+        # the class's forward: another plugin may have wrapped the instance's in (*args, **kwargs) (DeepCache)
+        self._signature = inspect.signature(type(module).forward.__get__(module))
         return module
 
     def _scheduler(self):
@@ -173,6 +208,8 @@ class StepTracker(ModelHook):
                 f"{type(module).__name__} was called without a `timestep`; a diffusers_ext patch needs it "
                 "to know the denoising step"
             )
+        if self.state.guard is not None:
+            self.state.guard()
         t = _first_value(timestep)
         self.state.update(t, *self.locate(t))
         return args, kwargs

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .errors import PatchError
+
 CONFIG_NAME = "diffusers_ext_config.json"
 WEIGHTS_NAME = "diffusers_ext_weights.safetensors"
 FORMAT_VERSION = 1
@@ -56,7 +58,12 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{folder} is not a diffusers_ext weights folder (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
         )
-    config = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise PatchError(f"{path} is not valid JSON ({err}); the weights folder is damaged: save it again") from None
+    if not isinstance(config, dict) or not {"method", "options", "denoiser"} <= set(config):
+        raise PatchError(f"{path} lacks the method, options or denoiser entries of a diffusers_ext weights folder")
     if config.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported format {config.get('format')!r} (this version reads {FORMAT_VERSION})")
     return config
@@ -73,7 +80,12 @@ def load_weights(folder: str | Path, denoiser: torch.nn.Module, config: dict[str
 
     if config["denoiser"] != type(denoiser).__name__:
         raise ValueError(f"weights in {folder} were made for a {config['denoiser']}, not a {type(denoiser).__name__}")
-    tensors = load_file(str(Path(folder) / WEIGHTS_NAME))
+    path = Path(folder) / WEIGHTS_NAME
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:   # safetensors raises its own SafetensorError (and OSError) for a bad file
+        raise PatchError(f"{path} is not a readable safetensors file ({err}); it may be truncated: save it "
+                         "again") from None
     own = denoiser.state_dict(keep_vars=True)
     missing = sorted(set(tensors) - set(own))
     if missing:

@@ -46,11 +46,12 @@ from torch import nn
 from diffusers_ext.ops import GridDepthwiseConv, gated_linear_attention, sdpa, upcast_dtype
 from diffusers_ext.families import family_of
 from diffusers_ext.joint import BLOCKS, DUAL_ATTENTION, JointAttentionMethod, JointAttentionProcessor
-from diffusers_ext.processor import merge_heads, project_kv, project_out, project_q, project_text, project_text_out, \
-    split_heads
+from diffusers_ext.processor import frozen, merge_heads, project_kv, project_out, project_q, project_text, \
+    project_text_out, split_heads
 from diffusers_ext.registry import STEPS, Option, number, one_of, register_method
 
 LAYOUTS = ("released", "gated")
+GATE_PARAMETERS = ("key_gate", "value_gate", "text_key_gate", "text_value_gate")
 
 
 def _grid_or_auto(value):
@@ -126,6 +127,7 @@ class LinaAttnProcessor(JointAttentionProcessor):
         self.joint = site.role == "joint"
         self.gate_grid: tuple[int, int] | None = None
         self._text_gate_tokens = options["text_gate_tokens"] if self.joint and decoder else 0
+        self._frozen: dict = {}   # `frozen` gates of `_gates`
         if not decoder:
             return
         if self.conv_on == "input" and attn.to_q.in_features != inner_dim:
@@ -161,6 +163,21 @@ class LinaAttnProcessor(JointAttentionProcessor):
             return None, None
         return fit_sequence_gate(self.text_key_gate, length), fit_sequence_gate(self.text_value_gate, length)
 
+    def _gates(self, grid: tuple[int, int], num_text: int | None = None):
+        """(key gate, value gate) of a decoder block: the image gates on `grid`, joined with the text gates
+        over `num_text` positions for joint attention; (1, h, N [+ M], 1) or None (= 1). Parameters only,
+        so inference computes them once per shape (`frozen`)."""
+
+        def compute():
+            image = self.image_gates(grid)
+            if num_text is None:
+                return image
+            text = self.text_gates(num_text)
+            return tuple(_join(i, t, grid[0] * grid[1], num_text, self.heads) for i, t in zip(image, text))
+
+        params = [p for p in (getattr(self, name, None) for name in GATE_PARAMETERS) if p is not None]
+        return frozen(self._frozen, (tuple(grid), num_text), params, compute)
+
     def _local(self, x: torch.Tensor, v: torch.Tensor, grid, dtype: torch.dtype) -> torch.Tensor:
         """DWConv on the grid of the input tokens x (B, N, C) or of the values v (B, h, N, d) -> (B, h, N, d)
         in `dtype`."""
@@ -177,7 +194,7 @@ class LinaAttnProcessor(JointAttentionProcessor):
         if not self.decoder:
             return project_out(attn, gated_linear_attention(q.to(work), k, v, eps=self.eps), x.dtype)
         grid = self.grid_of(x.shape[1])
-        out = gated_linear_attention(q.to(work), k, v, *self.image_gates(grid), eps=self.eps)
+        out = gated_linear_attention(q.to(work), k, v, *self._gates(grid), eps=self.eps)
         return project_out(attn, out + self._local(x, v, grid, work), x.dtype)
 
     def joint_attend(self, attn, x: torch.Tensor, c: torch.Tensor):
@@ -192,9 +209,7 @@ class LinaAttnProcessor(JointAttentionProcessor):
         key_gate = value_gate = None
         if self.decoder:
             grid = self.grid_of(num_image)
-            (image_k, image_v), (text_k, text_v) = self.image_gates(grid), self.text_gates(num_text)
-            key_gate = _join(image_k, text_k, num_image, num_text, self.heads)
-            value_gate = _join(image_v, text_v, num_image, num_text, self.heads)
+            key_gate, value_gate = self._gates(grid, num_text)
 
         read_text = self.text_tokens == "linear" and not attn.context_pre_only
         queries = torch.cat([q, q_text.to(q.dtype)], dim=2) if read_text else q

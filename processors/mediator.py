@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from diffusers_ext.ops import GridDepthwiseConv, interpolated_bias, mediator_attention, pool_on_grid, upcast_dtype
-from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, merge_heads, project_kv, project_out, \
-    project_q, split_heads
+from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, frozen, merge_heads, project_kv, \
+    project_out, project_q, split_heads
 from diffusers_ext.registry import STEPS, Method, Option, boolean, number, one_of, register_method
 
 DEFAULT_MEDIATORS = 64
@@ -182,6 +182,7 @@ class MediatorAttnProcessor(SelfAttentionProcessor):
         with torch.random.fork_rng(devices=[]):     # nn.Conv2d's default init draws from the global RNG
             self.dwc = GridDepthwiseConv(dim, 3) if options["dwc"] else None
         self._zero_cache: dict[str, tuple] = {}
+        self._frozen: dict = {}   # `frozen` bias tables
 
     def _is_zero(self, key: str, params) -> bool:
         """Are these parameters all zero (and not training)? Cached on the tensors' versions."""
@@ -202,9 +203,14 @@ class MediatorAttnProcessor(SelfAttentionProcessor):
         to_mediators = (self.to_mediators_table, self.to_mediators_rows, self.to_mediators_cols)
         if self._is_zero("biases", to_tokens + to_mediators):
             return None, None
-        b1 = interpolated_bias(*to_tokens, mediator_grid, token_grid)
-        b2 = interpolated_bias(*to_mediators, mediator_grid, token_grid).transpose(-1, -2)
-        return b1[None].to(dtype), b2[None].to(dtype)
+
+        def compute():   # parameters only: computed once per grid and dtype for inference (`frozen`)
+            b1 = interpolated_bias(*to_tokens, mediator_grid, token_grid)
+            b2 = interpolated_bias(*to_mediators, mediator_grid, token_grid).transpose(-1, -2)
+            return b1[None].to(dtype), b2[None].to(dtype)
+
+        return frozen(self._frozen, (tuple(mediator_grid), tuple(token_grid), dtype), to_tokens + to_mediators,
+                      compute)
 
     def attend(self, attn, x: torch.Tensor) -> torch.Tensor:
         """x (B, N, C) on the token grid -> attention output after to_out (B, N, C_out)."""
@@ -246,7 +252,7 @@ class MediatorMethod(Method):
     options = (
         STEPS,
         Option("mediators", DEFAULT_MEDIATORS,
-               "mediator count (a perfect square), or several used in order through the run, e.g. (16, 64)",
+               "mediator count (a perfect square), or several used in order through the run, fewer first, e.g. (16, 64)",
                _square_counts),
         Option("switch_at", None, "fractions of the run where the next count starts (default: even split)",
                _fractions),
@@ -265,6 +271,9 @@ class MediatorMethod(Method):
     def check_options(self, options, family):
         counts = options["mediators"]
         steps = len(counts) - 1
+        if any(a > b for a, b in zip(counts, counts[1:])):
+            raise ValueError(f"option `mediators`: counts are used in order through the run, fewer first "
+                             f"(the paper's schedule), got {counts}; e.g. {tuple(sorted(counts))}")
         if options["switch_ratios"] is not None:
             if options["switch_at"] is not None:
                 raise ValueError("give either `switch_at` (a fixed schedule) or `switch_ratios` (adaptive), not both")

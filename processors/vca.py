@@ -35,8 +35,8 @@ from torch import nn
 
 from diffusers_ext.ops import (GridDepthwiseConv, diff_lambda, differential_attention, lambda_init_for_depth,
                                pool_on_grid, rms_norm, sdpa, upcast_dtype)
-from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, merge_heads, project_kv, project_out, \
-    project_q, split_heads
+from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, frozen, merge_heads, project_kv, \
+    project_out, project_q, split_heads
 from diffusers_ext.registry import STEPS, Method, Option, boolean, number, register_method
 
 
@@ -72,6 +72,7 @@ class VCAAttnProcessor(SelfAttentionProcessor):
             self.dwc = GridDepthwiseConv(dim, 3) if options["dwc"] else None
         self.calibrate = options["calibrate"]
         self._calibrated = False
+        self._frozen: dict = {}   # `frozen` values of `_constants`
 
     @torch.no_grad()
     def _calibrate(self, out: torch.Tensor, reference: torch.Tensor, scale: float) -> None:
@@ -90,6 +91,16 @@ class VCAAttnProcessor(SelfAttentionProcessor):
                               self.lambda_init) for i in range(2))
         return l1, l2
 
+    def _constants(self, heads: int, dtype: torch.dtype):
+        """(e+, e- (1, h, n, d), l1, l2) in `dtype`: parameters only, so computed once for inference."""
+        params = (self.pos_embedding, self.neg_embedding, self.lambda_q, self.lambda_k)
+
+        def compute():
+            e_pos, e_neg = (split_heads(e[None].to(dtype), heads) for e in (self.pos_embedding, self.neg_embedding))
+            return (e_pos, e_neg, *(lam.to(dtype) for lam in self.lambdas()))
+
+        return frozen(self._frozen, (heads, dtype), params, compute)
+
     def attend(self, attn, x: torch.Tensor) -> torch.Tensor:
         batch, num_tokens, _ = x.shape
         grid = self.grid_of(num_tokens)
@@ -101,9 +112,8 @@ class VCAAttnProcessor(SelfAttentionProcessor):
         q = project_q(attn, x).to(dtype)
         k, v = (t.to(dtype) for t in project_kv(attn, x))
         pooled = pool_on_grid(q, grid, (side, side))                              # (B, h, n, d)
-        t_pos = pooled + split_heads(self.pos_embedding[None].to(dtype), attn.heads)
-        t_neg = pooled + split_heads(self.neg_embedding[None].to(dtype), attn.heads)
-        l1, l2 = (lam.to(dtype) for lam in self.lambdas())
+        e_pos, e_neg, l1, l2 = self._constants(attn.heads, dtype)
+        t_pos, t_neg = pooled + e_pos, pooled + e_neg
         scale = 1.0 - self.lambda_init
 
         gathered = sdpa(torch.cat([t_pos, t_neg], dim=2), k, v, attn.scale)       # stage I

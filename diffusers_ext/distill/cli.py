@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..argtypes import finite_float
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("distill", help="fine-tune a method by distillation from the original model",
@@ -22,17 +24,17 @@ def register(subparsers) -> None:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--prompts", help="text file, one prompt per line (text-to-image models)")
     p.add_argument("--class-labels", help="comma-separated class labels to draw (class-conditional models)")
-    p.add_argument("--uncond-prob", type=float, default=0.1)
+    p.add_argument("--uncond-prob", type=finite_float, default=0.1)
     p.add_argument("--latents", default="noise", help="'noise', 'trajectory' or a folder of images")
     p.add_argument("--trajectory-steps", type=int, default=20)
     p.add_argument("--resolution", type=int, help="image size in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-steps", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--inherited-lr", type=float, default=0.0, help="lr of inherited weights (0: frozen)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr", type=finite_float, default=1e-3)
+    p.add_argument("--inherited-lr", type=finite_float, default=0.0, help="lr of inherited weights (0: frozen)")
+    p.add_argument("--weight-decay", type=finite_float, default=0.0)
     p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-grad-norm", type=finite_float, default=1.0)
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--dtype", default="float32", help="dtype the model is loaded in (keep float32 for training)")
@@ -53,7 +55,10 @@ def run(args) -> int:
     from .config import DistillConfig
     from .trainer import Distiller
 
+    from ..files import check_writable_folder
+
     options = parse_options(args.option, args.method)   # bad options fail before the model loads
+    check_writable_folder(args.output_dir, "--output-dir")
     state = PartialState(cpu=args.cpu)
     labels = [int(x) for x in args.class_labels.split(",")] if args.class_labels else None
     config = DistillConfig(

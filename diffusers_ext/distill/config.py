@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -41,6 +42,10 @@ class DistillConfig:
     progress: bool = True
 
     def __post_init__(self):
+        for name in ("lr", "inherited_lr", "weight_decay", "uncond_prob", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if self.batch_size < 1 or self.max_steps < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("batch_size, max_steps and gradient_accumulation_steps must be >= 1")
         if self.lr <= 0 or self.inherited_lr < 0:

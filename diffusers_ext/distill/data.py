@@ -280,8 +280,9 @@ class DistillData:
 
     def generator(self, step: int, seed: int | None = None) -> torch.Generator:
         """The generator of batch `step` on this rank (`seed`: the config's unless given)."""
-        seed = self.config.seed if seed is None else seed
-        return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + self.rank)
+        from .loop import batch_generator
+
+        return batch_generator(self.config.seed if seed is None else seed, step, self.rank)
 
     def sample_batch(self, step: int, seed: int | None = None) -> dict[str, Any]:
         """Denoiser keyword arguments of one (per-process) batch: sample, timestep and conditions."""

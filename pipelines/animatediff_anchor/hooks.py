@@ -20,13 +20,15 @@ from diffusers_ext.ops import resolve_anchor
 
 
 def check_pipeline(pipe) -> None:
-    """A clear TypeError unless `pipe.unet` is a UNetMotionModel (an AnimateDiff pipeline)."""
+    """An `UnsupportedModelError` (a TypeError) unless `pipe.unet` is a UNetMotionModel (an AnimateDiff pipeline)."""
     from diffusers import UNetMotionModel
+
+    from diffusers_ext.errors import UnsupportedModelError
 
     unet = getattr(pipe, "unet", None)
     if not isinstance(unet, UNetMotionModel):
-        raise TypeError(f"{type(pipe).__name__} is not an AnimateDiff pipeline: the anchor frame needs a "
-                        f"UNetMotionModel as `pipe.unet`, got {type(unet).__name__}")
+        raise UnsupportedModelError(f"{type(pipe).__name__} is not an AnimateDiff pipeline: the anchor frame "
+                                    f"needs a UNetMotionModel as `pipe.unet`, got {type(unet).__name__}")
 
 
 def motion_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
