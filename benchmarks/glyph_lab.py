@@ -27,6 +27,7 @@ stopped, and a finished one re-times all rows in a few minutes. Writes benchmark
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import tempfile
@@ -38,9 +39,8 @@ import torch
 import diffusers_ext as dx
 import harness
 from diffusers_ext.distill import DistillConfig, Distiller
-from diffusers_ext.eval.metrics import frechet_distance
 from diffusers_ext.lab import pipelines as lab
-from diffusers_ext.lab.data import CLASSES, NUM_CLASSES, load_glyphs
+from diffusers_ext.lab.data import NUM_CLASSES, load_glyphs
 from study import RowCache, Scorer, file_digest
 
 SIT_ROWS = {  # name -> (method, options); trainable methods get a training-free and a distilled row
@@ -204,12 +204,9 @@ def run_unet(study: Study, scratch: Path) -> None:
     for name, (method, options) in UNET_ROWS.items():
         if study.args.rows and name not in study.args.rows:
             continue
-        if method == "tomesd":
-            try:
-                import tomesd  # noqa: F401
-            except ImportError:
-                print(f"{name}: skipped, tomesd is not installed (pip install tomesd)", flush=True)
-                continue
+        if method == "tomesd" and importlib.util.find_spec("tomesd") is None:
+            print(f"{name}: skipped, tomesd is not installed (pip install tomesd)", flush=True)
+            continue
         study.evaluate(study.settings(name, method, options, "training-free"), apply(study.load(), method, options))
 
 
