@@ -1,0 +1,75 @@
+"""Constant factors on a small model: every DiT method on a 1024-token, 6-block pixel-space DiT, the
+quality lab II scale (issue 19), against stock SDPA in one run.
+
+    python benchmarks/lab_scale.py                  # width 128 (4 heads of 32), batch 64, 3 rounds
+    python benchmarks/lab_scale.py --width 96       # the glyph SiT's width (3 heads)
+    python benchmarks/lab_scale.py --quick          # smoke test: batch 2, 1 round
+
+The model is `lab.models.glyph_transformer` (32 x 32 pixels, patch 1: 1024 tokens) with random weights;
+the methods' new parameters are filled with small random values as after a fine-tune
+(`dit_attention.apply`, trained=True), so no zero-initialised branch is skipped. One denoiser call at
+t = 0.5 per variant, round-robin (benchmarks/harness.py). Writes benchmarks/results/lab_scale.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import harness
+from dit_attention import apply
+from diffusers_ext.lab.models import glyph_transformer
+
+VARIANTS = {  # name -> (method, options)
+    "stock": (None, {}),
+    "mediators n=64": ("mediator", dict(mediators=64)),
+    "VCA n=64": ("vca", dict(tokens=64)),
+    "LINA (released)": ("lina", {}),
+    "T^5 (released)": ("t5", {}),
+    "T^5 (TTT only)": ("t5", dict(local="none")),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=128, help="model width, a multiple of 32 (heads of 32)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed round-robin rounds")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    harness.add_warmup_argument(parser)
+    harness.add_output_argument(parser, harness.RESULTS / "lab_scale")
+    harness.add_quick_argument(parser, "batch 2, 1 round")
+    args = harness.apply_quick(parser, parser.parse_args(argv), batch=2, repeats=1)
+    if args.width % 32 or args.width < 32:
+        parser.error(f"--width must be a positive multiple of 32, got {args.width}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 1, 32, 32, generator=g)
+    t = torch.full((args.batch,), 0.5)
+    labels = torch.arange(args.batch) % 37
+    calls = {}
+    for name, (method, options) in VARIANTS.items():
+        model = glyph_transformer(num_attention_heads=args.width // 32).eval()
+        apply(model, method, options, True, 8 * 32)          # latent_hw = 32 x 32 tokens
+        calls[name] = lambda model=model: model(x, timestep=t, class_labels=labels).sample
+    with torch.no_grad():
+        timings = harness.interleaved(calls, args.repeats, args.warmup)
+    stock = timings["stock"]
+    rows = [[name, harness.spread(1000 * tm.median, 1000 * tm.min, 1000 * tm.max, ".1f") + " ms",
+             f"{tm.speedup_over(stock):.2f}x"] for name, tm in timings.items()]
+    lines = harness.header(
+        "Constant factors at the lab scale: a 1024-token, 6-block DiT", __file__, argv=argv, device="cpu",
+        dtype=torch.float32, statistic=harness.statistic(args.repeats, args.warmup), extra=[
+            f"Pixel-space DiT (lab.models.glyph_transformer), 32 x 32 at patch 1 (1024 tokens), 6 blocks, width "
+            f"{args.width} ({args.width // 32} heads of 32), random weights, the methods' new parameters random as "
+            f"after a fine-tune; one denoiser call at batch {args.batch}."])
+    lines += harness.markdown_table(["variant", "time per call", "speed-up"], rows)
+    harness.write_atomic(harness.output_path(args), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
