@@ -26,6 +26,16 @@ def embedded_family(model: str) -> str | None:
     return EMBEDDED_FAMILIES.get(model)
 
 
+def embedded_recipe(model: str) -> dict:
+    """The call arguments an embedded trained model recommends (its pipeline's `recipe`, e.g. the digits
+    SiT's 12 Heun steps at guidance 2), without building it; {} for any other model."""
+    if model == "digits":
+        from .digits import SAMPLING
+
+        return dict(SAMPLING)
+    return {}
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """`None` / "auto" -> CUDA when available, else CPU. A device this machine does not have (or a
     name torch does not know) is a `DeviceError` naming it and what is available."""

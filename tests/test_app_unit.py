@@ -208,8 +208,8 @@ def test_only_safetensors_weights_are_loaded(tmp_path):
 
 # --- the page as a person uses it: inputs per model, labels, errors, progress, the comparison ----------
 
-def _page(model="tiny:sd"):
-    demo = app.build_app(app.AppConfig(model=model, max_steps=10))
+def _page(model="tiny:sd", max_steps=10):
+    demo = app.build_app(app.AppConfig(model=model, max_steps=max_steps))
     blocks = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
     fns = {fn.name: fn for fn in demo.fns.values()}
     return demo, blocks, fns
@@ -280,12 +280,33 @@ def test_inputs_shown_per_model_family(tmp_path):
 
     _, blocks, fns = _page("tiny:dit")                                # the page opens on a class model
     assert not blocks["prompt"].visible and blocks["class_label"].visible
-    method, prompt, label = fns["on_model"].fn("tiny:sd", "mediator")  # a text model is chosen
+    method, prompt, label, steps = fns["on_model"].fn("tiny:sd", "mediator")  # a text model is chosen
     assert method["value"] == "agent" and prompt["visible"] and not label["visible"]
-    method, prompt, label = fns["on_model"].fn("digits", "agent")
+    assert "value" not in steps                                       # no recipe: the steps field stays
+    method, prompt, label, steps = fns["on_model"].fn("digits", "agent")
     assert method["value"] == "mediator" and not prompt["visible"] and label["visible"]
-    _, prompt, label = fns["on_model"].fn("someone/model", "agent")    # unknown until it runs: both
+    _, prompt, label, _ = fns["on_model"].fn("someone/model", "agent")  # unknown until it runs: both
     assert prompt["visible"] and label["visible"]
+
+
+def test_sampling_steps_follow_the_models_recipe():
+    """The app, like compare and sample, starts from the model's recipe (digits: digits.SAMPLING's 12 Heun
+    steps), on opening and when the model changes; models without one keep the configured default."""
+    from diffusers_ext import digits
+
+    worker = app.Worker(app.AppConfig())
+    assert worker.steps_of("digits") == digits.SAMPLING["num_inference_steps"] == 12
+    assert worker.steps_of("tiny:sd") is None and worker.steps_of("someone/model") is None
+    worker._model, worker._pipe = "someone/model", digits.make_pipeline(digits.digits_transformer())
+    assert worker.steps_of("someone/model") == 12                     # a held pipeline's own recipe
+    _, blocks, fns = _page("digits", max_steps=50)
+    assert blocks["steps"].value == 12
+    assert fns["on_model"].fn("digits", "mediator")[3]["value"] == 12
+    _, blocks, fns = _page("tiny:sd", max_steps=50)
+    assert blocks["steps"].value == app.AppConfig().default_steps == 20
+    assert fns["on_model"].fn("digits", "agent")[3]["value"] == 12
+    _, _, fns = _page("tiny:sd", max_steps=10)                       # the recipe within the app's bound
+    assert fns["on_model"].fn("digits", "agent")[3]["value"] == 10
 
 
 def test_the_two_steps_fields_are_labelled_apart():

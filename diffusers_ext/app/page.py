@@ -143,9 +143,11 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                     status = gr.Markdown("", elem_id="status", min_height=64)
                     with gr.Accordion("generation settings", open=False, elem_id="settings"):
                         with gr.Row():
-                            steps = gr.Number(min(config.default_steps, config.max_steps), precision=0,
+                            steps = gr.Number(min(worker.steps_of(config.model) or config.default_steps,
+                                                  config.max_steps), precision=0,
                                               label="sampling steps", elem_id="steps",
-                                              info=f"denoising steps of each run, 1 to {config.max_steps}")
+                                              info=f"denoising steps of each run, 1 to {config.max_steps}; "
+                                                   "set to the model's recipe when it has one")
                             batch = gr.Number(1, precision=0, label="batch size", info=f"1 to {config.max_batch}",
                                               elem_id="batch")
                         with gr.Row():
@@ -192,10 +194,12 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
             def on_model(name, current):
                 suggested = suggested_method(name, methods)
                 prompt_, class_ = shown_inputs(worker.conditioning_of(name))
+                recommended = worker.steps_of(name)      # the model's recipe, where it has one
                 return (gr.update(value=suggested) if suggested and suggested != current else gr.update(),
-                        gr.update(visible=prompt_), gr.update(visible=class_))
+                        gr.update(visible=prompt_), gr.update(visible=class_),
+                        gr.update(value=min(recommended, config.max_steps)) if recommended else gr.update())
 
-            model.change(on_model, [model, method], [method, prompt, class_label], queue=False)
+            model.change(on_model, [model, method], [method, prompt, class_label, steps], queue=False)
 
             image_inputs = [model, method, prompt, class_label, height, width, steps, guidance, batch, seed, warmup]
 

@@ -24,8 +24,8 @@ import diffusers_ext as dx
 from diffusers_ext.compare import Comparison, compare_pipeline
 from diffusers_ext.errors import DiffusersExtError
 from diffusers_ext.families import family_of_pipeline_class, get_family
-from diffusers_ext.loading import EMBEDDED, embedded_family, load_pipeline
-from diffusers_ext.pipeline_io import DenoiserTimer, call_kwargs, num_classes, pipeline_kind
+from diffusers_ext.loading import EMBEDDED, embedded_family, embedded_recipe, load_pipeline
+from diffusers_ext.pipeline_io import DenoiserTimer, call_kwargs, num_classes, pipeline_kind, recipe
 from diffusers_ext.registry import all_methods
 
 from .config import AppConfig
@@ -169,6 +169,13 @@ class Worker:
         except (OSError, ValueError, AttributeError):
             return None
         return family.conditioning if family else None
+
+    def steps_of(self, model: str | None) -> int | None:
+        """The sampling steps `model` recommends (its recipe: the digits SiT's 12), where that is known
+        without loading anything (an embedded model, the pipeline held); None otherwise."""
+        model = (model or "").strip()
+        pipe = self._pipe if self._model == model else None
+        return (recipe(pipe) if pipe is not None else embedded_recipe(model)).get("num_inference_steps")
 
     def pipeline(self, model: str, progress):
         """The pipeline of `model`, stock (loaded when it is not the one held; call under the lock)."""
