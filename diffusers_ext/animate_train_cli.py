@@ -17,6 +17,7 @@ import argparse
 import json
 
 from .argtypes import finite_float, positive_int
+from .distill.cli import add_loop_arguments
 
 DEFAULT_MODEL = "tiny:animatediff"
 
@@ -42,21 +43,7 @@ def register(subparsers) -> None:
                    "(0: their weights); merged into the saved adapter")
     p.add_argument("--lora-alpha", type=finite_float, help="LoRA scale alpha / rank (default alpha = rank)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--batch-size", type=positive_int, default=1)
-    p.add_argument("--max-steps", type=positive_int, default=1000)
-    p.add_argument("--lr", type=finite_float, default=1e-4)
-    p.add_argument("--weight-decay", type=finite_float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--max-grad-norm", type=finite_float, default=1.0, help="0: no clipping")
-    p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
-    p.add_argument("--dtype", default="float32", help="dtype the model is loaded in (keep float32 for training)")
-    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--resume", help="a checkpoint folder, or 'latest' (in --output-dir)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    add_loop_arguments(p, batch_size=1, lr=1e-4)
     p.set_defaults(func=run)
 
 

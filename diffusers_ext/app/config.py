@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
+from ..argtypes import positive_int
+
 EMBEDDED_MODELS = ("digits", "tiny:sd", "tiny:sdxl", "tiny:sd3", "tiny:sd35", "tiny:dit", "tiny:sit")
 POSITIVE = ("max_side", "max_steps", "max_batch", "max_frames", "queue_size")   # flags that must be >= 1
 
@@ -42,16 +44,6 @@ class AppConfig:
     default_steps: int = 20
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per `AppConfig` field (`--max-side`, `--custom-models` / `--no-custom-models`, ...)."""
     defaults = AppConfig()
@@ -63,7 +55,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         elif isinstance(value, tuple):
             parser.add_argument(flag, nargs="+", default=value, help=f"default: {' '.join(value)}")
         else:
-            kind = _at_least_one if f.name in POSITIVE else type(value)
+            kind = positive_int if f.name in POSITIVE else type(value)
             parser.add_argument(flag, type=kind, default=value, help=f"default: {value}")
 
 

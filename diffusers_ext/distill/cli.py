@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..argtypes import finite_float
+from ..argtypes import finite_float, positive_int
 
 
 def register(subparsers) -> None:
@@ -28,14 +28,21 @@ def register(subparsers) -> None:
     p.add_argument("--latents", default="noise", help="'noise', 'trajectory' or a folder of images")
     p.add_argument("--trajectory-steps", type=int, default=20)
     p.add_argument("--resolution", type=int, help="image size in pixels (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-steps", type=int, default=1000)
-    p.add_argument("--lr", type=finite_float, default=1e-3)
+    add_loop_arguments(p, batch_size=4, lr=1e-3)
     p.add_argument("--inherited-lr", type=finite_float, default=0.0, help="lr of inherited weights (0: frozen)")
+    p.set_defaults(func=run)
+
+
+def add_loop_arguments(p: argparse.ArgumentParser, *, batch_size: int, lr: float) -> None:
+    """The flags of the fields the shared `TrainingLoop` reads (`loop.LoopConfig`), plus batch size and
+    model dtype: every training command (`distill`, `animate-train`) takes them the same way."""
+    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--max-steps", type=positive_int, default=1000)
+    p.add_argument("--lr", type=finite_float, default=lr)
     p.add_argument("--weight-decay", type=finite_float, default=0.0)
     p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--max-grad-norm", type=finite_float, default=1.0)
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--max-grad-norm", type=finite_float, default=1.0, help="0: no clipping")
+    p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--dtype", default="float32", help="dtype the model is loaded in (keep float32 for training)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
@@ -44,7 +51,6 @@ def register(subparsers) -> None:
     p.add_argument("--resume", help="a checkpoint folder, or 'latest' (in --output-dir)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:
