@@ -91,7 +91,10 @@ class Schedule:
         """Whether some step of a run of `num_steps` falls in the schedule (step i is at progress i / n)."""
         if self.by_index:
             return self.start < num_steps
-        return any(self.contains(i, i / num_steps) for i in range(num_steps))
+        # the first step at or after `start` is floor(start n) or the next one (float rounding): it acts
+        # unless it lies at or past `end`, and every later step lies further on (runs every denoiser call)
+        first = min(num_steps - 1, math.floor(self.start * num_steps))
+        return any(self.contains(i, i / num_steps) for i in (first, first + 1) if i < num_steps)
 
 
 _PARTIAL_RUN = contextvars.ContextVar("diffusers_ext_partial_run", default=False)
