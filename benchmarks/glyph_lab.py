@@ -41,6 +41,7 @@ import harness
 from diffusers_ext.distill import DistillConfig, Distiller
 from diffusers_ext.lab import pipelines as lab
 from diffusers_ext.lab.data import NUM_CLASSES, load_glyphs
+from diffusers_ext.pipeline_io import class_samples
 from study import RowCache, Scorer, file_digest
 
 SIT_ROWS = {  # name -> (method, options); trainable methods get a training-free and a distilled row
@@ -60,16 +61,6 @@ UNET_ROWS = {  # the speed / quality trade-off of the three training-free UNet m
 }
 CURVE_METHODS = {name: SIT_ROWS[name] for name in ("mediators n=64", "VCA 64", "LINA", "T^5")}
 CURVE_MINUTES = (0, 2, 5, 10, 20)
-
-
-def generate(pipe, labels: torch.Tensor, sampling: dict, seed: int = 0, batch_size: int = 72) -> torch.Tensor:
-    """Samples (B, 1, 32, 32) in [-1, 1] of `labels`; one generator per batch, seeded by (seed, batch)."""
-    out = []
-    pipe.set_progress_bar_config(disable=True)
-    for i, chunk in enumerate(labels.split(batch_size)):
-        generator = torch.Generator().manual_seed(seed * 100_003 + i)
-        out.append(pipe(class_labels=chunk, generator=generator, output_type="pt", **sampling).images * 2 - 1)
-    return torch.cat(out)
 
 
 def apply(pipe, method: str, options: dict, weights: str | None = None):
@@ -124,7 +115,7 @@ class Study:
             row.pop("settings", None)
         else:
             start = time.perf_counter()
-            images = generate(pipe, self.labels, self.sampling)
+            images = class_samples(pipe, self.labels, batch_size=72, **self.sampling)
             stock = self.samples.get("stock", images)
             row = dict(name=settings["name"], method=settings["method"], mode=settings["mode"], key=key,
                        fid=self.scorer.fid(images, key), sampling_minutes=(time.perf_counter() - start) / 60,

@@ -263,21 +263,12 @@ def train_generator(steps: int = 1300, batch_size: int = 64, lr: float = 1e-3, w
     return ema, record
 
 
-@torch.no_grad()
 def generate(pipe, class_labels: torch.Tensor, seed: int = 0, batch_size: int = 100, **sampling) -> torch.Tensor:
-    """Samples (B, 1, 16, 16) in [-1, 1] of `class_labels`, deterministic in `seed` (one generator per batch)."""
-    sampling = {**SAMPLING, **sampling}
-    out = []
-    saved = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        for i, chunk in enumerate(torch.as_tensor(class_labels).split(batch_size)):
-            generator = torch.Generator().manual_seed(seed * 100_003 + i)
-            images = pipe(class_labels=chunk, generator=generator, output_type="pt", **sampling).images
-            out.append(images * 2 - 1)
-    finally:
-        pipe._progress_bar_config = saved
-    return torch.cat(out)
+    """Samples (B, 1, 16, 16) in [-1, 1] of `class_labels` with the digits recipe (`SAMPLING`, updated by
+    `sampling`), deterministic in `seed` (`pipeline_io.class_samples`)."""
+    from .pipeline_io import class_samples
+
+    return class_samples(pipe, class_labels, seed, batch_size, **{**SAMPLING, **sampling})
 
 
 def class_accuracy(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:

@@ -119,6 +119,24 @@ def call_kwargs(pipe, prompt: str, class_label: int | list[int], steps: int, gui
     return kwargs
 
 
+@torch.no_grad()
+def class_samples(pipe, class_labels, seed: int = 0, batch_size: int = 100, **call) -> torch.Tensor:
+    """Samples (B, C, H, W) in [-1, 1] of a class-conditional pipeline for `class_labels`, in batches of
+    `batch_size`, each with its own generator seeded by (seed, batch index): deterministic in `seed` and
+    `batch_size`. `call`: the rest of the pipeline's arguments (steps, guidance, sampler)."""
+    out = []
+    saved = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        for i, chunk in enumerate(torch.as_tensor(class_labels).split(batch_size)):
+            generator = torch.Generator().manual_seed(seed * 100_003 + i)
+            images = pipe(class_labels=chunk, generator=generator, output_type="pt", **call).images
+            out.append(images * 2 - 1)
+    finally:
+        pipe._progress_bar_config = saved
+    return torch.cat(out)
+
+
 def latent_shape(pipe, height: int | None, width: int | None) -> tuple[int, ...] | None:
     """(C, h, w) of one sample's initial latents for pipelines that take `latents=` in that layout
     (UNet image pipelines, SD3: `Family.latent_side`); None where the pipeline draws them from the
