@@ -18,7 +18,7 @@ import torch
 from helpers import denoiser_inputs, run_denoiser
 
 import diffusers_ext as dx
-from diffusers_ext import ops, registry
+from diffusers_ext import merge, ops, registry
 from diffusers_ext.testing import TINY_FAMILIES, tiny_pipeline
 
 pytestmark = [pytest.mark.cuda,
@@ -94,6 +94,32 @@ def check_op(name: str, device, dtype) -> float:
 @pytest.mark.parametrize("name", list(_op_cases()))
 def test_op_on_cuda_matches_float64_cpu(name, dtype):
     check_op(name, "cuda", dtype)
+
+
+def check_grid_merge(device) -> None:
+    """merge.py on `device`: every index tensor of the matching on the metric's device (the cells'
+    representatives drawn from a generator on it), and merge / unmerge / agents equal to the same
+    matching applied on the CPU."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    metric, x = _randn(2, 48, 5, generator=g), _randn(2, 48, 3, generator=g)
+    match = merge.match_on_grid(metric.to(device), (6, 8), 2, 0.4, torch.Generator(device).manual_seed(0))
+    indices = (match.src_pos, match.dst_pos, match.assign, match.order)
+    assert all(t.device.type == device.type for t in indices)
+    rows, cols = (match.dst_pos // 8).tolist(), (match.dst_pos % 8).tolist()
+    assert sorted((r // 2, c // 2) for r, c in zip(rows, cols)) == [(i, j) for i in range(3) for j in range(4)]
+    on_cpu = merge.GridMerge(48, *(t.cpu() for t in indices), match.num_merged)
+    merged = match.merge(x.to(device))
+    results = [(merged, on_cpu.merge(x)),
+               (match.unmerge(merged), on_cpu.unmerge(on_cpu.merge(x))),
+               *((match.agents(x.to(device), ratio), on_cpu.agents(x, ratio)) for ratio in (0.5, 1.0))]
+    for got, expected in results:
+        assert got.device.type == device.type
+        torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=1e-12)
+
+
+def test_grid_merge_on_cuda():
+    check_grid_merge("cuda")
 
 
 # --- methods on tiny pipelines ------------------------------------------------------------------------

@@ -363,6 +363,32 @@ def test_matching_in_chunks_is_the_best_cosine_destination(monkeypatch):
             assert match.assign[b, row].item() == max(range(len(sims)), key=sims.__getitem__)
 
 
+def test_matching_skips_grids_narrower_than_a_cell_in_one_dimension():
+    """No full cell as soon as one side is shorter than the stride (the other side long enough)."""
+    for grid in [(2, 8), (8, 2), (3, 5)]:
+        assert merge.match_on_grid(torch.randn(1, grid[0] * grid[1], 3, **F64), grid, 4, 0.5) is None
+    assert merge.match_on_grid(torch.randn(1, 16, 3, **F64), (4, 4), 4, 0.5) is not None    # one full cell
+
+
+def test_matching_in_fp32_for_bf16():
+    """bf16 tokens are matched in fp32: on a 2 x 2 grid with destination 0 = (-1, -7), the sources'
+    cosines are 74/sqrt(6500) = 0.9179 (token 1 = (3, -11)), -24/sqrt(5200) (token 2 = (10, 2)) and
+    27/sqrt(850) = 0.9261 (token 3 = (1, -4)): 3 ranks first. Similarities rounded to bf16 (a step of
+    2^-8 near 1, the unit vectors rounded too) rank token 1 first."""
+    vectors = [(-1, -7), (3, -11), (10, 2), (1, -4)]
+    cosine = [(a * -1 + b * -7) / math.sqrt((a * a + b * b) * 50) for a, b in vectors]
+    assert [round(c, 4) for c in cosine[1:]] == [0.9179, -0.3328, 0.9261]
+    metric = torch.tensor(vectors, dtype=torch.bfloat16)[None]
+    match = merge.match_on_grid(metric, (2, 2), 2, 0.25)                 # r = 1: the most similar source
+    assert match.src_pos[match.order[0]].tolist() == [3, 1, 2]
+    close(match.merge(MATCH_X), [20.0, 30.0, 25.0])                      # (10 + 40) / 2
+
+
+def test_destination_positions_on_the_requested_device():
+    pos = merge.destination_positions((4, 6), 2, None, torch.device("meta"))
+    assert pos.device.type == "meta" and pos.shape == (6,)
+
+
 def test_norms_compute_in_fp32_for_bf16():
     """bf16 in: the statistics in fp32 and the result rounded to bf16 once, so within half a bf16
     ulp of the exact (float64) result on the same bf16 inputs."""
