@@ -80,7 +80,8 @@ FEATURES: tuple[Feature, ...] = (
             "the patch wraps `SlicedAttnProcessor` (its own attention is not sliced)"),
     Feature("attention_slicing_after", "attention slicing after the patch", ("sd",),
             "`enable_attention_slicing` replaces every processor: the next call raises; slice before "
-            "`dx.patch`", "limitation", "PatchError"),
+            "`dx.patch`. `dx.unpatch` then keeps the slicing (it takes back only what the patch installed)",
+            "limitation", "PatchError"),
     Feature("vae_tiling", "VAE tiling", ("sd",), "decoding is untouched", slow=("sd",)),
     Feature("compile", "`torch.compile` of the denoiser", ("sd3", "dit", "sd"),
             "once each phase of the method's schedule is compiled, new steps compile nothing; the only graph break is the step tracker's hook, except agent's (its "
@@ -172,7 +173,10 @@ def markdown() -> str:
               "`dx.compose_with(cls)`;",
               "any other is refused at `dx.patch`, naming its class. Something that replaces the patch's processors "
               "later",
-              "(`fuse_qkv_projections`, `enable_attention_slicing`, `set_attn_processor`) makes the next call raise.",
+              "(`fuse_qkv_projections`, `enable_attention_slicing`, `set_attn_processor`) makes the next call raise;",
+              "`dx.unpatch` restores the original processor only where the patch's own is still installed, so a "
+              "processor set",
+              "after the patch stays.",
               "", "## What each row checks", ""]
     for feature in FEATURES:
         error = f" Error: `{feature.error}`." if feature.error else ""

@@ -157,7 +157,11 @@ def patch(pipe_or_model, method: str, *, weights: str | None = None, **options) 
 
 
 def unpatch(pipe_or_model, missing_ok: bool = False) -> None:
-    """Restore the original processors and remove the step tracker: the model is as before `patch`."""
+    """Restore the original processors and remove the step tracker: the model is as before `patch`.
+
+    A site whose processor was replaced after the patch (`set_attn_processor`, `fuse_qkv_projections`:
+    the forward refuses to run such a model) keeps its new processor: unpatch takes back only what the
+    patch installed, never a later choice."""
     denoiser, _ = find_denoiser(pipe_or_model)
     record: PatchRecord | None = getattr(denoiser, RECORD_ATTRIBUTE, None)
     if record is None:
@@ -169,8 +173,10 @@ def unpatch(pipe_or_model, missing_ok: bool = False) -> None:
     get_method(record.method).detach(record)
     restore_inherited(denoiser)  # pretrained tensors a weights folder overwrote (fine-tuned projections)
     modules = dict(denoiser.named_modules())
+    installed = {id(module): processor for module, processor in record.state.guard.pairs}
     for name, original in record.originals.items():
-        modules[name].set_processor(original)
+        if modules[name].processor is installed.get(id(modules[name])):
+            modules[name].set_processor(original)
     detach_step_tracker(denoiser, record.had_hook_registry, record.had_instance_forward)
     delattr(denoiser, RECORD_ATTRIBUTE)
 

@@ -364,11 +364,14 @@ def check_attention_slicing(method, tiny):
 
 def check_attention_slicing_after(method, tiny):
     pipe = tiny_pipeline(tiny)
+    stock = gen(pipe)
     dx.patch(pipe, method)
     pipe.enable_attention_slicing(1)
     with pytest.raises(PatchError, match=f"'{method}' processors.*replaced by Sliced"):
         gen(pipe)
-    dx.unpatch(pipe)
+    dx.unpatch(pipe)      # takes back only what the patch installed: the slicing chosen after it stays
+    assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"SlicedAttnProcessor"}
+    torch.testing.assert_close(gen(pipe), stock, rtol=1e-4, atol=1e-4)
 
 
 def check_vae_tiling(method, tiny):

@@ -86,6 +86,23 @@ def test_agent_unpatch_bit_exact_and_repatch_replaces(pipeline_of):
     assert torch.equal(run_denoiser(model, kwargs), before)
 
 
+def test_unpatch_keeps_a_processor_set_after_the_patch(pipeline_of):
+    """unpatch takes back only what the patch installed: a site given another processor after the
+    patch keeps it, every other site gets its original object back."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe = pipeline_of("sd")
+    record = dx.patch(pipe, "todo")
+    modules = dict(pipe.unet.named_modules())
+    chosen, *others = record.sites
+    later = AttnProcessor()
+    modules[chosen].set_processor(later)
+    originals = dict(record.originals)
+    dx.unpatch(pipe)
+    assert modules[chosen].processor is later
+    assert all(modules[name].processor is originals[name] for name in others) and others
+
+
 def test_patched_context_restores_on_error(pipeline_of):
     pipe = pipeline_of("sd")
     model, kwargs = denoiser_inputs(pipe)
