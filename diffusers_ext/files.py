@@ -63,13 +63,25 @@ def temp_path(path: Path) -> Path:
     return Path(tmp)
 
 
-def atomic_savez(path: str | os.PathLike, **arrays) -> None:
-    """`np.savez(path, **arrays)` through a temporary file and `os.replace`: never a half-written file."""
+def atomic_savez(path: str | os.PathLike, compress: bool = False, **arrays) -> None:
+    """`np.savez(path, **arrays)` (`np.savez_compressed` with `compress`) through a temporary file and
+    `os.replace`: never a half-written file."""
     path = Path(path)
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            (np.savez_compressed if compress else np.savez)(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """`Path(path).write_bytes(data)` through a temporary file and `os.replace`."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

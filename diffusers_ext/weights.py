@@ -36,8 +36,14 @@ def _jsonable(value: Any) -> Any:
 
 
 def save_weights(folder: str | Path, denoiser: torch.nn.Module, record, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write `tensors` (state-dict names of `denoiser`) and the patch's method and options."""
-    from safetensors.torch import save_file
+    """Write `tensors` (state-dict names of `denoiser`) and the patch's method and options.
+
+    Each file is written atomically, the config last and any old one removed first: a write stopped
+    at any moment leaves the old folder, or one without a config (which `read_config` refuses),
+    never new tensors beside an old method's options."""
+    from safetensors.torch import save
+
+    from .files import atomic_write_bytes, atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -46,8 +52,10 @@ def save_weights(folder: str | Path, denoiser: torch.nn.Module, record, tensors:
         "denoiser": type(denoiser).__name__, "sites": record.sites,
         "options": {k: _jsonable(v) for k, v in record.options.items()},
     }
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / WEIGHTS_NAME))
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    weights = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    (folder / CONFIG_NAME).unlink(missing_ok=True)
+    atomic_write_bytes(folder / WEIGHTS_NAME, weights)
+    atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2))
     return folder
 
 

@@ -44,3 +44,38 @@ def test_t5_folders_saved_before_the_local_branch_load_ttt_only(tmp_path):
     record = dx.patch(model, "t5", weights=str(tmp_path))
     assert record.options["local"] == "none"
     dx.unpatch(model)
+
+
+def test_a_save_stopped_midway_leaves_no_mismatched_folder(tmp_path, monkeypatch):
+    """The config goes last and the old one is removed first: a save that fails while writing the
+    tensors leaves the old tensors without a config, which loading refuses, never new tensors beside
+    old options; no temporary file is left behind."""
+    from diffusers_ext import files
+    from diffusers_ext.weights import WEIGHTS_NAME
+
+    torch.manual_seed(0)
+    model = tiny_dit_transformer()
+    record = dx.patch(model, "mediator", mediators=4)
+    _save_processor_tensors(model, record, tmp_path)
+    old_weights = (tmp_path / WEIGHTS_NAME).read_bytes()
+    dx.unpatch(model)
+    record = dx.patch(model, "mediator", mediators=16)
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        _save_processor_tensors(model, record, tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [WEIGHTS_NAME]
+    assert (tmp_path / WEIGHTS_NAME).read_bytes() == old_weights
+    dx.unpatch(model)
+    with pytest.raises(FileNotFoundError, match="not a diffusers_ext weights folder"):
+        dx.patch(model, "mediator", weights=str(tmp_path))
+    assert dx.patch_record(model) is None
+    record = dx.patch(model, "mediator", mediators=16)
+    _save_processor_tensors(model, record, tmp_path)                       # a complete save loads
+    dx.unpatch(model)
+    assert dx.patch(model, "mediator", weights=str(tmp_path)).options["mediators"] == (16,)
+    dx.unpatch(model)

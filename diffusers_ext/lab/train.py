@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..digits import interpolant_batch
-from ..files import atomic_write_text, temp_path
+from ..files import atomic_write_bytes, atomic_write_text, temp_path
 from . import models
 from .data import NUM_CLASSES, Glyphs, batch_at, load_glyphs
 
@@ -131,12 +131,8 @@ def _atomic_torch_save(obj, path: Path) -> None:
 def _atomic_safetensors(state: dict, path: Path, metadata: dict) -> None:
     from safetensors.torch import save
 
-    tmp = temp_path(path)
-    try:   # bytes through `write_bytes`: the file keeps temp_path's mode (save_file makes it 0600)
-        tmp.write_bytes(save({k: v.detach().contiguous() for k, v in state.items()}, metadata=metadata))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # bytes through `atomic_write_bytes`: the file keeps temp_path's mode (save_file makes it 0600)
+    atomic_write_bytes(path, save({k: v.detach().contiguous() for k, v in state.items()}, metadata=metadata))
 
 
 @torch.no_grad()
