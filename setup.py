@@ -49,7 +49,9 @@ setup(
     include_package_data=True,
     # the shipped digits SiT and its classifier (diffusers_ext.digits), the offline default model
     package_data={"diffusers_ext": ["assets/digits/*.json", "assets/digits/*.safetensors",
-                                    "assets/digits/transformer/*"]},
+                                    "assets/digits/transformer/*",
+                                    "assets/glyphs/*.json", "assets/glyphs/*.safetensors", "assets/glyphs/*.npz",
+                                    "assets/glyphs/transformer/*"]},
     install_requires=[
         "torch>=2.1",
         "diffusers>=0.35",

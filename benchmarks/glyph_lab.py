@@ -177,6 +177,8 @@ def run_sit(study: Study, scratch: Path) -> None:
         if args.rows and name not in args.rows:
             continue
         study.evaluate(study.settings(name, method, options, "training-free"), apply(study.load(), method, options))
+        if args.distill_minutes == 0:       # training-free rows only
+            continue
         steps = max(1, round(args.distill_minutes * study.steps_per_minute(method, options)))
         settings = study.settings(name, method, options, "distilled", distill_steps=steps,
                                   distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr)
@@ -300,7 +302,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=None, help="exported models folder (default: the shipped ones)")
     parser.add_argument("--num", type=int, default=720, help="samples a row (a multiple of 36)")
     parser.add_argument("--rows", nargs="*", default=None, help="configuration names to run (default: all)")
-    parser.add_argument("--distill-minutes", type=float, default=10.0, help="fine-tune budget of a distilled row")
+    parser.add_argument("--distill-minutes", type=float, default=10.0,
+                        help="fine-tune budget of a distilled row (0: training-free rows only)")
     parser.add_argument("--distill-batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--inherited-lr", type=float, default=1e-4)

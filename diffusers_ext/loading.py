@@ -1,6 +1,7 @@
 """Loading a pipeline from a hub id, a local folder, or one of the embedded tiny models.
 
     load_pipeline("digits")                        # offline: the shipped digits SiT (diffusers_ext.digits)
+    load_pipeline("glyphs")                        # offline: the lab II glyph SiT, 1024 tokens (diffusers_ext.lab)
     load_pipeline("tiny:sd")                       # offline, random weights (diffusers_ext.testing)
     load_pipeline("runwayml/stable-diffusion-v1-5", dtype=torch.float16, device="cuda")
     load_pipeline("/path/to/saved/pipeline")
@@ -8,13 +9,40 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+from dataclasses import dataclass
 
 import torch
 
 TINY_PREFIX = "tiny:"
-EMBEDDED_FAMILIES = {"digits": "dit"}   # trained models shipped inside the package -> their model family
-EMBEDDED = tuple(EMBEDDED_FAMILIES)
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """A trained model shipped inside the package: its family, its loader and its recipe, as
+    "module:attribute" paths (imported only when used)."""
+
+    family: str
+    loader: str        # (dtype=...) -> the pipeline
+    recipe: str        # the call arguments the model recommends (steps, guidance, sampler)
+    description: str
+
+    def attribute(self, path: str):
+        module, name = path.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+SHIPPED_MODELS = {
+    "digits": ShippedModel("dit", "diffusers_ext.digits:digits_pipeline", "diffusers_ext.digits:SAMPLING",
+                            "a small SiT trained here on handwritten digits (16 x 16, 256 tokens)"),
+    "glyphs": ShippedModel("dit", "diffusers_ext.lab.pipelines:glyph_sit_pipeline",
+                            "diffusers_ext.lab.pipelines:SIT_SAMPLING",
+                            "the lab II SiT trained here on font glyphs 0-9 A-Z (32 x 32, 1024 tokens)"),
+}
+# The lab II UNet (`lab.pipelines.glyph_unet_pipeline`) is not shipped: its first training run samples at
+# chance level (docs/lab.md); it joins this table once a run draws the requested glyphs.
+EMBEDDED = tuple(SHIPPED_MODELS)
 
 
 def embedded_family(model: str) -> str | None:
@@ -23,16 +51,14 @@ def embedded_family(model: str) -> str | None:
         from .testing import TINY_FAMILIES
 
         return TINY_FAMILIES.get(model[len(TINY_PREFIX):])
-    return EMBEDDED_FAMILIES.get(model)
+    return SHIPPED_MODELS[model].family if model in SHIPPED_MODELS else None
 
 
 def embedded_recipe(model: str) -> dict:
     """The call arguments an embedded trained model recommends (its pipeline's `recipe`, e.g. the digits
     SiT's 12 Heun steps at guidance 2), without building it; {} for any other model."""
-    if model == "digits":
-        from .digits import SAMPLING
-
-        return dict(SAMPLING)
+    if model in SHIPPED_MODELS:
+        return dict(SHIPPED_MODELS[model].attribute(SHIPPED_MODELS[model].recipe))
     return {}
 
 
@@ -72,7 +98,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def load_pipeline(model: str, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
                   use_safetensors: bool | None = None):
-    """Load a diffusers pipeline from `model` (hub id, local folder, `digits` or `tiny:<family>`).
+    """Load a diffusers pipeline from `model` (hub id, local folder, a `SHIPPED_MODELS` name or `tiny:<family>`).
 
     use_safetensors: True loads only `.safetensors` weights (never pickled `.bin` / `.ckpt` files, which
         can run code when unpickled) and fails if a component has none; None is diffusers' default
@@ -84,10 +110,8 @@ def load_pipeline(model: str, dtype: str | torch.dtype | None = "auto", device: 
         from .testing import tiny_pipeline
 
         return tiny_pipeline(model[len(TINY_PREFIX):], dtype=dtype).to(device)
-    if model in EMBEDDED:
-        from .digits import digits_pipeline
-
-        return digits_pipeline(dtype=dtype).to(device)
+    if model in SHIPPED_MODELS:
+        return SHIPPED_MODELS[model].attribute(SHIPPED_MODELS[model].loader)(dtype=dtype).to(device)
 
     from diffusers import DiffusionPipeline
 

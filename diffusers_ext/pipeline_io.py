@@ -79,11 +79,18 @@ def num_classes(pipe) -> int | None:
         if value:
             return int(value)
     labels = getattr(pipe, "labels", None)
-    return len(set(labels.values())) if isinstance(labels, dict) and labels else None
+    if isinstance(labels, dict) and labels:
+        return len(set(labels.values()))
+    id2label = getattr(pipe, "id2label", None)
+    return len(id2label) if isinstance(id2label, dict) and id2label else None
 
 
 def default_class_labels(pipe) -> list[int]:
-    """Every class once for small label sets (the digits), else ImageNet's 207 (golden retriever)."""
+    """The pipeline's own showcase (`pipe.default_class_labels`, e.g. the glyph models' "DIFFUSERS"),
+    else every class once for small label sets (the digits), else ImageNet's 207 (golden retriever)."""
+    own = getattr(pipe, "default_class_labels", None)
+    if own:
+        return list(own)
     classes = num_classes(pipe)
     return list(range(classes)) if classes is not None and classes <= 16 else [IMAGENET_DEFAULT_LABEL]
 

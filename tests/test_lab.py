@@ -241,3 +241,40 @@ def test_export_and_pipelines_of_tiny_runs(small, tmp_path):
     record = dx.patch(pipe, "todo")                           # the SD methods patch the pipeline
     assert record.family == "sd"
     dx.unpatch(pipe)
+
+
+def test_data_statistics_are_kept_per_data_and_reused(small, tmp_path, monkeypatch):
+    """`data_statistics` stores mean / covariance of the features of every glyph (uint8 RGB, as the FID
+    tool sees them) with the data's fingerprint; the same data reuses the file, other data recomputes it.
+    The Inception network is replaced by the flattened pixels, so the expected values are plain numpy."""
+    import numpy as np
+
+    from diffusers_ext.eval import inception
+    from diffusers_ext.lab import pipelines
+
+    calls = []
+
+    def pixel_features(network, chunks, total, desc):
+        batches = list(chunks)
+        calls.append(sum(len(b) for b in batches))
+        return {"pool": np.concatenate([b.reshape(len(b), -1)[:, :64].astype(np.float64) for b in batches])}
+
+    monkeypatch.setattr(inception, "extract_features", pixel_features)
+    monkeypatch.setattr(inception, "InceptionNetwork", lambda: None)
+    path = tmp_path / "stats" / "fid_reference.npz"
+    one = data.load_glyphs(DEJAVU[:1])
+    assert pipelines.data_statistics(path, one, log=lambda _: None) == path and calls == [36]
+    grey = np.rint((one.images.numpy()[:, 0] + 1) / 2 * 255).reshape(36, -1)   # R = G = B: pixel p is column 3p
+    features = np.repeat(grey, 3, axis=1)[:, :64]
+    with np.load(path) as saved:
+        assert saved["mu"].dtype == np.float32 and int(saved["count"]) == 36
+        assert str(saved["fingerprint"]) == one.fingerprint()
+        np.testing.assert_allclose(saved["mu"], features.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(saved["sigma"], np.cov(features, rowvar=False), rtol=1e-5, atol=1e-3)
+    before = path.read_bytes()
+    pipelines.data_statistics(path, one, log=lambda _: None)                 # the same data: kept
+    assert calls == [36] and path.read_bytes() == before
+    messages = []
+    pipelines.data_statistics(path, data.load_glyphs(DEJAVU[1:2]), log=messages.append)   # other data: recomputed
+    assert calls == [36, 36] and path.read_bytes() != before and "other glyph data" in messages[0]
+    assert [p.name for p in path.parent.iterdir()] == ["fid_reference.npz"]  # no temporary file left

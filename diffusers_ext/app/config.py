@@ -6,8 +6,9 @@ import argparse
 from dataclasses import dataclass, fields
 
 from ..argtypes import positive_int
+from ..loading import EMBEDDED
 
-EMBEDDED_MODELS = ("digits", "tiny:sd", "tiny:sdxl", "tiny:sd3", "tiny:sd35", "tiny:dit", "tiny:sit")
+EMBEDDED_MODELS = (*EMBEDDED, "tiny:sd", "tiny:sdxl", "tiny:sd3", "tiny:sd35", "tiny:dit", "tiny:sit")
 POSITIVE = ("max_side", "max_steps", "max_batch", "max_frames", "queue_size")   # flags that must be >= 1
 
 DESCRIPTION = """diffusers-ext demo: the stock and the patched pipeline side by side, in the browser.

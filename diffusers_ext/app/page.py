@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from diffusers_ext.compare import DEFAULT_PROMPT
+from diffusers_ext.loading import SHIPPED_MODELS
 from diffusers_ext.registry import all_methods
 
 from .config import AppConfig
@@ -120,8 +121,9 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
 
     with gr.Blocks(title="diffusers-ext", analytics_enabled=False) as demo:
         gr.Markdown("## diffusers-ext: stock vs patched, from the same seed\n"
-                    "`digits`: a small SiT trained here on handwritten digits (real images, offline); `tiny:*`: "
-                    "random weights (noise images; their timings still compare the code paths).")
+                    + "".join(f"`{name}`: {model.description}; " for name, model in SHIPPED_MODELS.items())
+                    + "all trained here on real images, offline; `tiny:*`: random weights (noise images; their "
+                    "timings still compare the code paths).")
         with gr.Tab("Image"):
             history = gr.State([])           # RunRecord per run of this browser session
             differences = gr.State(None)     # the last run's |stock - patched| (float16): redrawn at another gain
@@ -138,7 +140,7 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                                         visible=prompt_shown, info="text-to-image models")
                     class_label = gr.Number(7, precision=0, label="class label", elem_id="class_label",
                                             visible=class_shown, info="class-conditional models: 0-9 for digits, "
-                                                                      "0-999 for ImageNet DiT / SiT")
+                                                                      "0-35 (0-9, A-Z) for glyphs, 0-999 for ImageNet DiT / SiT")
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     status = gr.Markdown("", elem_id="status", min_height=64)
                     with gr.Accordion("generation settings", open=False, elem_id="settings"):
