@@ -226,16 +226,16 @@ def test_export_and_pipelines_of_tiny_runs(small, tmp_path):
     seen, step = [], pipe.scheduler.step
     pipe.scheduler.step = lambda eps, t, x, **kw: seen.append(eps) or step(eps, t, x, **kw)
     out = pipe(class_labels=labels, num_inference_steps=1, guidance_scale=3.0, latents=noise, output_type="pt").images
+    assert pipe.scheduler.config.prediction_type == "v_prediction"   # the run's target (the default)
     with torch.no_grad():                                     # one DDIM step from t = 999 to x0, by hand
         t = 999
-        eps_cond = wrapped(noise, torch.tensor(t), labels)
-        eps_null = wrapped(noise, torch.tensor(t), torch.full_like(labels, 36))
-        eps = eps_null + 3.0 * (eps_cond - eps_null)
+        v_cond = wrapped(noise, torch.tensor(t), labels)
+        v_null = wrapped(noise, torch.tensor(t), torch.full_like(labels, 36))
+        v = v_null + 3.0 * (v_cond - v_null)
         alpha = pipe.scheduler.alphas_cumprod[t].double()
-        x0 = ((noise.double() - (1 - alpha).sqrt() * eps.double()) / alpha.sqrt()).clamp(-1, 1)
-    assert torch.allclose(seen[0], eps, atol=1e-5)             # batched (guidance) vs separate calls: float32 rounding
-    # x0 divides by sqrt(alpha_999) ~ 0.006: float32 rounding of eps grows to ~1e-4 there
-    assert torch.allclose(out.double(), (x0 + 1) / 2, atol=1e-3)
+        x0 = (alpha.sqrt() * noise.double() - (1 - alpha).sqrt() * v.double()).clamp(-1, 1)   # v = sqrt(a) eps - sqrt(1-a) x0
+    assert torch.allclose(seen[0], v, atol=1e-5)               # batched (guidance) vs separate calls: float32 rounding
+    assert torch.allclose(out.double(), (x0 + 1) / 2, atol=1e-4)
     with pytest.raises(ValueError, match=r"class ids in \[0, 35\]"):
         pipe(class_labels=[36], num_inference_steps=1)
     record = dx.patch(pipe, "todo")                           # the SD methods patch the pipeline
@@ -278,3 +278,26 @@ def test_data_statistics_are_kept_per_data_and_reused(small, tmp_path, monkeypat
     pipelines.data_statistics(path, data.load_glyphs(DEJAVU[1:2]), log=messages.append)   # other data: recomputed
     assert calls == [36, 36] and path.read_bytes() != before and "other glyph data" in messages[0]
     assert [p.name for p in path.parent.iterdir()] == ["fid_reference.npz"]  # no temporary file left
+
+
+def test_unet_loss_targets_velocity_or_epsilon(small):
+    """v = sqrt(a) eps - sqrt(1 - a) x0 (written here, not diffusers' get_velocity); epsilon for old runs."""
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(0)
+    model = lab_train.build_model("unet", TINY["unet"])
+    images, labels = small.images[:4], small.labels[:4]
+    scheduler = DDPMScheduler()
+    for prediction in ("v_prediction", "epsilon"):
+        config = lab_train.with_config("unet", bf16=False, uncond_prob=0.0, prediction=prediction)
+        loss = lab_train.step_loss("unet", model, images, labels, torch.Generator().manual_seed(3), config, scheduler)
+        g = torch.Generator().manual_seed(3)
+        torch.rand(4, generator=g)                                          # the label-dropout draw
+        noise = torch.randn(images.shape, generator=g)
+        t = torch.randint(0, 1000, (4,), generator=g)
+        a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * images + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * images if prediction == "v_prediction" else noise
+        with torch.no_grad():
+            expected = torch.nn.functional.mse_loss(model(xt, t, labels), target)
+        torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-6)

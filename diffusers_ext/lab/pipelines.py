@@ -123,7 +123,10 @@ def glyph_unet_pipeline(folder: str | Path | None = None, dtype: torch.dtype = t
                                                 use_safetensors=True).eval()
     tokens = ClassTokens(unet.config.cross_attention_dim)
     tokens.load_state_dict(load_file(str(_folder(folder, "class_tokens.safetensors"))))
+    record = json.loads(_folder(folder, "training.json").read_text())["runs"]["unet"]
+    prediction = record["config"].get("prediction", "epsilon")      # runs before v-prediction: epsilon
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                              prediction_type=prediction,
                               clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
     return GlyphUNetPipeline(unet=unet, scheduler=scheduler, class_tokens=tokens.to(dtype).eval())
 
