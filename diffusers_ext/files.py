@@ -7,8 +7,10 @@ The temporary file gets the mode an ordinary `open(path, "w")` would (0666 minus
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,36 +65,32 @@ def temp_path(path: Path) -> Path:
     return Path(tmp)
 
 
-def atomic_savez(path: str | os.PathLike, compress: bool = False, **arrays) -> None:
-    """`np.savez(path, **arrays)` (`np.savez_compressed` with `compress`) through a temporary file and
-    `os.replace`: never a half-written file."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside `path` (`temp_path`) to write; renamed onto `path` (`os.replace`) when
+    the block ends normally, removed when it raises: `path` holds the old file or the whole new one."""
     path = Path(path)
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **arrays)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_savez(path: str | os.PathLike, compress: bool = False, **arrays) -> None:
+    """`np.savez(path, **arrays)` (`np.savez_compressed` with `compress`), never half-written."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        (np.savez_compressed if compress else np.savez)(f, **arrays)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """`Path(path).write_bytes(data)` through a temporary file and `os.replace`."""
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
+    """`Path(path).write_bytes(data)`, never half-written."""
+    with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """`Path(path).write_text(text)` through a temporary file and `os.replace`."""
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
+    """`Path(path).write_text(text)`, never half-written."""
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

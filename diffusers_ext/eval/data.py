@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_savez, atomic_write_text, temp_path
+from ..files import atomic_path, atomic_savez, atomic_write_text
 from .metrics import FIDStatistics
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -42,10 +42,8 @@ def write_images_npz(path: str | os.PathLike, chunks, shape: tuple[int, int, int
     without holding all images in memory. `extra`: {name: callable returning an array}, called after
     the chunks are consumed (e.g. the labels gathered along the way).
     """
-    path = Path(path)
-    tmp = temp_path(path)
     written = 0
-    try:
+    with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as f:
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
@@ -62,11 +60,6 @@ def write_images_npz(path: str | os.PathLike, chunks, shape: tuple[int, int, int
             for name, make in (extra or {}).items():
                 with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.asarray(make()), allow_pickle=False)
-        if written != shape[0]:
-            raise ValueError(f"expected {shape[0]} images, got {written}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass, replace
@@ -37,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..digits import interpolant_batch
-from ..files import atomic_write_bytes, atomic_write_text, temp_path
+from ..files import atomic_path, atomic_write_bytes, atomic_write_text
 from . import models
 from .data import NUM_CLASSES, Glyphs, batch_at, load_glyphs
 
@@ -124,12 +123,8 @@ def _schedule(config: TrainConfig):
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = temp_path(path)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _atomic_safetensors(state: dict, path: Path, metadata: dict) -> None:

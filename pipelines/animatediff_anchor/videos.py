@@ -205,7 +205,7 @@ def load_clips(vae, videos: str | os.PathLike, *, frames: int, stride: int = 1, 
     only the main one writes the cache (the others encode for themselves; call them after it)."""
     from safetensors.torch import load_file, save_file
 
-    from diffusers_ext.files import temp_path
+    from diffusers_ext.files import atomic_path
 
     if frames < 2 or stride < 1:
         raise ValueError(f"clips need frames >= 2 and stride >= 1, got {frames} and {stride}")
@@ -225,12 +225,8 @@ def load_clips(vae, videos: str | os.PathLike, *, frames: int, stride: int = 1, 
             z = encode_clips(vae, read_clips(path, frames, stride, height, width))
             if file is not None and main_process:
                 cache.mkdir(parents=True, exist_ok=True)
-                tmp = temp_path(file)
-                try:
+                with atomic_path(file) as tmp:
                     save_file({"latents": z}, str(tmp))
-                    os.replace(tmp, file)
-                finally:
-                    tmp.unlink(missing_ok=True)
         latents.append(z)
         clip_captions += [captions[path]] * z.shape[0]
         span = clip_span(frames, stride)
