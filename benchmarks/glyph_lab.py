@@ -38,6 +38,8 @@ import torch
 
 import diffusers_ext as dx
 import harness
+from diffusers_ext import files
+from diffusers_ext.argtypes import non_negative_float, positive_float, positive_int
 from diffusers_ext.distill import DistillConfig, Distiller
 from diffusers_ext.lab import pipelines as lab
 from diffusers_ext.lab.data import NUM_CLASSES, load_glyphs
@@ -291,7 +293,7 @@ def plot(study: Study, stem: Path) -> None:
                title=f"glyph {study.part}: speed vs FID (star: stock)")
         path = stem.with_name(stem.name + "_speed_fid.png")
     fig.tight_layout()
-    with harness.atomic_file(path) as tmp:
+    with files.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
@@ -300,15 +302,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=("sit", "unet", "curves"), nargs="+", default=["sit", "unet", "curves"])
     parser.add_argument("--models", default=None, help="exported models folder (default: the shipped ones)")
-    parser.add_argument("--num", type=int, default=720, help="samples a row (a multiple of 36)")
+    parser.add_argument("--num", type=positive_int, default=720, help="samples a row (a multiple of 36)")
     parser.add_argument("--rows", nargs="*", default=None, help="configuration names to run (default: all)")
-    parser.add_argument("--distill-minutes", type=float, default=10.0,
+    parser.add_argument("--distill-minutes", type=non_negative_float, default=10.0,
                         help="fine-tune budget of a distilled row (0: training-free rows only)")
-    parser.add_argument("--distill-batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--inherited-lr", type=float, default=1e-4)
-    parser.add_argument("--batch", type=int, default=16, help="timing: images per denoiser call (x 2 with guidance)")
-    parser.add_argument("--repeats", type=int, default=5, help="timing: round-robin rounds")
+    parser.add_argument("--distill-batch", type=positive_int, default=16)
+    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--inherited-lr", type=non_negative_float, default=1e-4)
+    parser.add_argument("--batch", type=positive_int, default=16, help="timing: images per denoiser call (x 2 with guidance)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timing: round-robin rounds")
     parser.add_argument("--cache", default="lab_runs/glyph_lab_cache", help="finished rows and fine-tunes (resume)")
     parser.add_argument("--no-cache", action="store_true", help="recompute everything, keep nothing")
     harness.add_warmup_argument(parser)

@@ -22,7 +22,7 @@ What is written
 - `add_output_argument` / `output_path`: the one `--output` flag (a file or a path stem; each
   table gets its suffix, .md / .json). `--quick` runs write under QUICK_DIR unless `--output`
   is given, so a smoke test never overwrites a committed table in benchmarks/results.
-- `write_atomic` / `atomic_file`: a table appears whole or not at all (temp file + os.replace).
+- `write_atomic`: a table appears whole or not at all (`diffusers_ext.files.atomic_path`).
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence
 
 import torch
+
+from diffusers_ext import files
 
 STARTED = datetime.datetime.now()  # the run's start (this module is imported first thing)
 LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -415,33 +417,10 @@ def output_path(args: argparse.Namespace, suffix: str = ".md", default: str | os
     return stem.with_name(stem.name + suffix)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside `path` to write; renamed onto `path` (os.replace) when the block ends
-    normally, removed when it raises: `path` holds the old file or the whole new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a table is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
-    with atomic_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """Write a table whole or not at all (`files.atomic_path`), creating its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    files.atomic_write_text(path, text)
     return Path(path)
 
 

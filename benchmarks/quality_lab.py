@@ -32,7 +32,7 @@ import torch
 
 import diffusers_ext as dx
 import harness
-from diffusers_ext import digits
+from diffusers_ext import digits, files
 from diffusers_ext.distill import DistillConfig, Distiller
 from diffusers_ext.eval.metrics import frechet_distance
 from study import RowCache, Scorer, file_digest, to_uint8_rgb
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
                 reference=len(reference), **floor)
     harness.write_json(harness.output_path(args, ".json"), dict(meta=meta, rows=rows))
     write_markdown(harness.output_path(args, ".md"), meta, rows, argv)
-    with harness.atomic_file(out.with_name(out.name + "_samples.png")) as tmp:
+    with files.atomic_path(out.with_name(out.name + "_samples.png")) as tmp:
         write_grid(tmp, samples)
     print(harness.output_path(args, ".md").read_text())
     return 0

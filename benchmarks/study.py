@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import harness
+from diffusers_ext import files
 from diffusers_ext.eval.inception import InceptionNetwork, extract_features
 from diffusers_ext.eval.metrics import compute_statistics, frechet_distance
 from diffusers_ext.eval.sampling import to_uint8
@@ -69,7 +70,7 @@ class RowCache:
         if folder is None:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        with harness.atomic_file(folder / "samples.pt") as tmp:
+        with files.atomic_path(folder / "samples.pt") as tmp:
             torch.save(samples.contiguous(), tmp)
         harness.write_json(folder / "row.json", dict(row, settings=settings))
 
@@ -108,7 +109,7 @@ class Scorer:
         mu, sigma = compute_statistics(self.pool(images, desc))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with harness.atomic_file(path) as tmp:
+            with files.atomic_path(path) as tmp:
                 with open(tmp, "wb") as handle:
                     np.savez(handle, mu=mu, sigma=sigma)
         return mu, sigma

@@ -28,3 +28,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _bounded_float(text: str, low: float, inclusive: bool) -> float:
+    value = finite_float(text)
+    if value < low or (value == low and not inclusive):
+        raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'above'} {low:g}, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite float >= 0 (a budget in minutes where 0 means "none")."""
+    return _bounded_float(text, 0.0, inclusive=True)
+
+
+def positive_float(text: str) -> float:
+    """A finite float > 0 (a learning rate, a time limit)."""
+    return _bounded_float(text, 0.0, inclusive=False)

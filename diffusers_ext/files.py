@@ -54,10 +54,11 @@ def check_writable_folder(folder: str | os.PathLike, what: str = "output folder"
 
 
 def temp_path(path: Path) -> Path:
-    """A new empty file next to `path` (same folder, so `os.replace` is atomic), mode 0666 & ~umask.
+    """A new empty file next to `path` (same folder, so `os.replace` is atomic), mode 0666 & ~umask,
+    ending in `path`'s extension (writers that read the format from the name: PIL, matplotlib).
     An `OSError` names `path`, never the temporary name."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     except OSError as err:
         raise OSError(f"cannot write {path}: {err.strerror or err}") from None
     os.close(fd)

@@ -4,7 +4,9 @@ states what the old code did."""
 
 import fcntl
 import functools
+import importlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -429,6 +431,33 @@ def test_sizes_and_counts_must_be_positive(argv, capsys):
     with pytest.raises(SystemExit) as exit:
         main(argv)
     assert exit.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--distill-minutes", "-1"], "argument --distill-minutes: must be at least 0, got '-1'"),
+    (["--lr", "0"], "argument --lr: must be above 0, got '0'"),
+    (["--inherited-lr", "nan"], "argument --inherited-lr: must be a finite number, got 'nan'"),
+    (["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+])
+def test_the_glyph_study_refuses_bad_numbers_before_loading(argv, message, capsys, monkeypatch):
+    """Old: `glyph_lab.py --distill-minutes -1` ran the study with a negative fine-tune budget."""
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    monkeypatch.syspath_prepend(benchmarks)
+    glyph_lab = importlib.import_module("glyph_lab")
+    monkeypatch.setattr(glyph_lab, "load_glyphs", lambda: pytest.fail("loaded the data before checking arguments"))
+    with pytest.raises(SystemExit) as exit:
+        glyph_lab.main(argv)
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [(["--minutes", "0"], "must be above 0"), (["--steps", "-5"], "must be at least 1")])
+def test_lab_training_refuses_empty_budgets(argv, message, tmp_path, capsys):
+    from diffusers_ext.lab.__main__ import main as lab_main
+
+    with pytest.raises(SystemExit) as exit:
+        lab_main(["train", "dit", "--out", str(tmp_path / "run"), *argv])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_compare_shows_progress_from_the_warm_up_on(pipeline_of, capsys):

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffusers_ext import files
+
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "harness.py"
 _spec = importlib.util.spec_from_file_location("bench_harness", _PATH)
 harness = importlib.util.module_from_spec(_spec)
@@ -257,18 +259,18 @@ def test_write_atomic_replaces_whole_files(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask   # an ordinary file, not mkstemp's 0600
 
 
-def test_atomic_file_leaves_no_partial_file_on_exception(tmp_path):
+def test_atomic_path_leaves_no_partial_file_on_exception(tmp_path):
     path = tmp_path / "table.md"
     path.write_text("old\n")
     with pytest.raises(RuntimeError):
-        with harness.atomic_file(path) as tmp:
+        with files.atomic_path(path) as tmp:
             tmp.write_text("half a ta")
             raise RuntimeError("killed mid-write")
     assert path.read_text() == "old\n"
     assert os.listdir(tmp_path) == ["table.md"]
     fresh = tmp_path / "fresh.json"
     with pytest.raises(KeyboardInterrupt):
-        with harness.atomic_file(fresh) as tmp:
+        with files.atomic_path(fresh) as tmp:
             tmp.write_text("{")
             raise KeyboardInterrupt
     assert not fresh.exists() and os.listdir(tmp_path) == ["table.md"]

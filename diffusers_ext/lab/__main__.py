@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from ..argtypes import positive_int
+from ..argtypes import positive_float, positive_int
 from .train import DEFAULTS, KINDS, train, with_config
 
 
@@ -18,9 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("train", help="train one lab II model into --out, checkpointing (resumable)")
     run.add_argument("kind", choices=KINDS)
     run.add_argument("--out", required=True, help="run folder: checkpoint.pt, weights.safetensors, record.json")
-    run.add_argument("--minutes", type=float, default=None, help="stop this call after M minutes (default: to the end)")
+    run.add_argument("--minutes", type=positive_float, default=None, help="stop this call after M minutes (default: to the end)")
     run.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    run.add_argument("--steps", type=int, default=None, help="schedule length (a new run only; default per kind)")
+    run.add_argument("--steps", type=positive_int, default=None, help="schedule length (a new run only; default per kind)")
     run.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1: share the CPU)")
     export = sub.add_parser("export", help="write the shipped lab II folder from finished runs (weights, FID statistics)")
     export.add_argument("--runs", default="lab_runs", help="folder of the dit / unet / classifier runs (default: %(default)s)")
