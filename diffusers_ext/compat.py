@@ -90,8 +90,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("bf16", "bf16 weights on CPU, large activations", ("dit", "sd3", "sdxl", "sd"),
             "finite output with 30x the usual latent scale"),
     Feature("deepcache", "DeepCache (`DeepCacheSDHelper`)", ("sdxl", "sd"),
-            "enabled before the patch, it still caches; `dx.unpatch` before `helper.disable()`, whose restored "
-            "forward would drop the patch's step hook", slow=("sdxl", "sd")),
+            "enabled before or after the patch, both act; `helper.disable()` and `dx.unpatch` in either order "
+            "leave exactly the other", slow=("sdxl", "sd")),
     Feature("tomesd", "tomesd applied before the patch", ("sd",),
             "refused at `dx.patch`: tomesd merges the tokens before attention, which then sees no latent grid; "
             "`tomesd.remove_patch(pipe)` first (agent and todo merge tokens themselves)", "limitation", "PatchError"),

@@ -25,7 +25,7 @@ from .errors import PatchError, UnsupportedModelError
 from .families import AttentionSite, describe_sites, family_of, find_denoiser
 from .processor import InstalledGuard, check_denoiser, check_original
 from .registry import get_method
-from .steps import StepState, attach_step_tracker, detach_step_tracker
+from .steps import StepState, StepTracker
 
 RECORD_ATTRIBUTE = "_diffusers_ext_patch"
 
@@ -49,8 +49,7 @@ class PatchRecord:
     state: StepState
     originals: dict[str, Any] = field(default_factory=dict)   # site name -> original processor
     resources: dict[str, Any] = field(default_factory=dict)
-    had_hook_registry: bool = False
-    had_instance_forward: bool = False
+    tracker: StepTracker | None = None
     _denoiser: Any = field(default=None, repr=False)
     _pipeline: Any = field(default=None, repr=False)
 
@@ -133,8 +132,6 @@ def patch(pipe_or_model, method: str, *, weights: str | None = None, **options) 
     processors = {site.name: spec.make_processor(site, originals[site.name], record) for site in sites}
 
     unpatch(denoiser, missing_ok=True)
-    record.had_hook_registry = hasattr(denoiser, "_diffusers_hook")
-    record.had_instance_forward = "forward" in denoiser.__dict__
     param = next(denoiser.parameters(), None)
     for site in sites:
         processor = processors[site.name]
@@ -142,7 +139,7 @@ def patch(pipe_or_model, method: str, *, weights: str | None = None, **options) 
             processor.to(device=param.device)
         site.module.set_processor(processor)
     record.state.guard = InstalledGuard(method, [(site.module, processors[site.name]) for site in sites])
-    attach_step_tracker(denoiser, record.state, pipeline)
+    record.tracker = StepTracker(denoiser, record.state, pipeline)
     setattr(denoiser, RECORD_ATTRIBUTE, record)
     try:
         spec.attach(record)
@@ -177,7 +174,7 @@ def unpatch(pipe_or_model, missing_ok: bool = False) -> None:
     for name, original in record.originals.items():
         if modules[name].processor is installed.get(id(modules[name])):
             modules[name].set_processor(original)
-    detach_step_tracker(denoiser, record.had_hook_registry, record.had_instance_forward)
+    record.tracker.remove()
     delattr(denoiser, RECORD_ATTRIBUTE)
 
 

@@ -1,8 +1,10 @@
 """Knowing the denoising step inside attention.
 
-diffusers pipelines do not tell attention processors which step they are in. A `ModelHook` on the
-denoiser reads the `timestep` argument (and the latent's spatial size) before every forward and
-writes them into a `StepState` that the processors of one patch share.
+diffusers pipelines do not tell attention processors which step they are in. A forward pre-hook on
+the denoiser reads the `timestep` argument (and the latent's spatial size) before every call and
+writes them into a `StepState` that the processors of one patch share. It is a torch hook, run by
+`Module.__call__`, not a wrapper of `forward`: a plugin that replaces the instance's `forward` and
+later puts back the one it saved (DeepCache's `disable()`) cannot drop it.
 
 Where the step sits in the run:
 - patched through a pipeline: the timestep is located in `pipe.scheduler.timesteps` (looked up at
@@ -28,9 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 
-HOOK_NAME = "diffusers_ext_step_tracker"
 DEFAULT_TRAIN_TIMESTEPS = 1000
 
 
@@ -163,20 +163,21 @@ def _first_value(t: Any) -> float:
     return float(t)
 
 
-class StepTracker(ModelHook):
-    """Reads `timestep` and the latent shape of every denoiser call into a `StepState`."""
+class StepTracker:
+    """Reads `timestep` and the latent shape of every call of `denoiser` into `state` (a forward
+    pre-hook from construction until `remove()`)."""
 
-    def __init__(self, state: StepState, pipeline=None, num_train_timesteps: int | None = None):
-        super().__init__()
+    def __init__(self, denoiser: torch.nn.Module, state: StepState, pipeline=None,
+                 num_train_timesteps: int | None = None):
         self.state = state
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
         self.num_train_timesteps = num_train_timesteps or DEFAULT_TRAIN_TIMESTEPS
-        self._signature = None
-
-    def initialize_hook(self, module):
         # the class's forward: another plugin may have wrapped the instance's in (*args, **kwargs) (DeepCache)
-        self._signature = inspect.signature(type(module).forward.__get__(module))
-        return module
+        self._signature = inspect.signature(type(denoiser).forward.__get__(denoiser))
+        self._handle = denoiser.register_forward_pre_hook(self.pre_forward, with_kwargs=True)
+
+    def remove(self) -> None:
+        self._handle.remove()
 
     def _scheduler(self):
         pipe = self._pipeline() if self._pipeline is not None else None
@@ -199,7 +200,7 @@ class StepTracker(ModelHook):
         return None, None, min(max(1.0 - (t + 1.0) / train_steps, 0.0), 1.0)
 
     @torch.compiler.disable  # plain Python bookkeeping: never traced, so it adds no per-step guards
-    def pre_forward(self, module, *args, **kwargs):
+    def pre_forward(self, module, args, kwargs):
         bound = self._signature.bind_partial(*args, **kwargs).arguments
         sample = next(iter(bound.values()), None)
         if isinstance(sample, torch.Tensor) and sample.ndim >= 4:
@@ -215,26 +216,3 @@ class StepTracker(ModelHook):
             self.state.guard()
         t = _first_value(timestep)
         self.state.update(t, *self.locate(t))
-        return args, kwargs
-
-
-def attach_step_tracker(denoiser: torch.nn.Module, state: StepState, pipeline=None) -> StepTracker:
-    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
-    if registry.get_hook(HOOK_NAME) is not None:
-        registry.remove_hook(HOOK_NAME, recurse=False)
-    tracker = StepTracker(state, pipeline)
-    registry.register_hook(tracker, HOOK_NAME)
-    return tracker
-
-
-def detach_step_tracker(denoiser: torch.nn.Module, had_registry: bool, had_forward: bool) -> None:
-    """Remove the hook and, where the patch created them, the registry and the instance `forward`."""
-    registry = getattr(denoiser, "_diffusers_hook", None)
-    if registry is None:
-        return
-    registry.remove_hook(HOOK_NAME, recurse=False)
-    if not registry.hooks:
-        if not had_registry:
-            del denoiser._diffusers_hook
-        if not had_forward:
-            denoiser.__dict__.pop("forward", None)

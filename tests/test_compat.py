@@ -60,7 +60,8 @@ def snapshot(model) -> tuple:
     """What a refused call must leave exactly as it was: processors (objects), tensors, hooks, forward."""
     processors = {n: m.processor for n, m in model.named_modules() if hasattr(m, "set_processor")}
     tensors = {k: v.clone() for k, v in model.state_dict().items()}
-    return processors, tensors, hasattr(model, "_diffusers_hook"), "forward" in model.__dict__
+    hooks = (dict(model._forward_pre_hooks), hasattr(model, "_diffusers_hook"))
+    return processors, tensors, hooks, "forward" in model.__dict__
 
 
 def assert_same(model, before: tuple) -> None:
@@ -426,8 +427,9 @@ def check_bf16(method, tiny):
 
 
 def check_deepcache(method, tiny):
-    """DeepCache enabled first; `dx.unpatch` before `helper.disable()` (its disable puts back the
-    forward it wrapped, which holds the patch's step hook)."""
+    """DeepCache enabled before or after the patch, disabled before or after `dx.unpatch`: both act
+    together, and removing either leaves exactly the other (its `disable()` puts back the `forward` it
+    saved; the patch's step tracker is a forward pre-hook, which that cannot drop)."""
     from DeepCache import DeepCacheSDHelper
 
     pipe = tiny_pipeline(tiny)
@@ -442,6 +444,13 @@ def check_deepcache(method, tiny):
     assert not torch.equal(cached, stock), "DeepCache does not act"
     both = composes(pipe, method, steps)
     assert not torch.equal(both, patched), "DeepCache does not act on the patched model"
+    dx.patch(pipe, method)                      # DeepCache first, taken off first
+    helper.disable()
+    assert torch.equal(steps(pipe), patched), "DeepCache's disable() dropped the patch"
+    helper.enable()                             # the patch first, DeepCache on top
+    assert torch.equal(steps(pipe), both)
+    dx.unpatch(pipe)
+    assert torch.equal(steps(pipe), cached)
     helper.disable()
     assert torch.equal(steps(pipe), stock)
 

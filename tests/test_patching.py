@@ -67,6 +67,7 @@ def test_unpatch_restores_bit_exactly(family, pipeline_of, halve_method):
     assert {n: m.processor for n, m in model.named_modules() if hasattr(m, "set_processor")} == processors
     assert list(model.state_dict()) == state_keys
     assert not hasattr(model, "_diffusers_hook") and "forward" not in model.__dict__
+    assert not model._forward_pre_hooks and not model._forward_pre_hooks_with_kwargs
     assert dx.patch_record(pipe) is None
 
 
