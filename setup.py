@@ -51,7 +51,7 @@ setup(
     package_data={"diffusers_ext": ["assets/digits/*.json", "assets/digits/*.safetensors",
                                     "assets/digits/transformer/*",
                                     "assets/glyphs/*.json", "assets/glyphs/*.safetensors", "assets/glyphs/*.npz",
-                                    "assets/glyphs/transformer/*"]},
+                                    "assets/glyphs/transformer/*", "assets/glyphs/unet/*"]},
     install_requires=[
         "torch>=2.1",
         "diffusers>=0.35",

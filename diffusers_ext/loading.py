@@ -39,9 +39,11 @@ SHIPPED_MODELS = {
     "glyphs": ShippedModel("dit", "diffusers_ext.lab.pipelines:glyph_sit_pipeline",
                             "diffusers_ext.lab.pipelines:SIT_SAMPLING",
                             "the lab II SiT trained here on font glyphs 0-9 A-Z (32 x 32, 1024 tokens)"),
+    "glyphs-unet": ShippedModel("sd", "diffusers_ext.lab.pipelines:glyph_unet_pipeline",
+                                 "diffusers_ext.lab.pipelines:UNET_SAMPLING",
+                                 "the lab II UNet (SD 1.x layout) trained here on the same glyphs (1024 tokens at "
+                                 "its finest self-attention)"),
 }
-# The lab II UNet (`lab.pipelines.glyph_unet_pipeline`) is not shipped: its first training run samples at
-# chance level (docs/lab.md); it joins this table once a run draws the requested glyphs.
 EMBEDDED = tuple(SHIPPED_MODELS)
 
 

@@ -67,6 +67,14 @@ class ClassTokens(nn.Module):
         self.embedding = nn.Embedding(classes + 1, tokens * dim)
         nn.init.normal_(self.embedding.weight, std=dim ** -0.5)
 
+    @property
+    def dtype(self) -> torch.dtype:   # read by `DiffusionPipeline.to` of every component, as ModelMixin's
+        return self.embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         return self.embedding(labels).view(-1, self.tokens, self.dim)
 
