@@ -1,5 +1,6 @@
 """Quality lab II (diffusers_ext/lab): the glyph data, the models' token counts, resumable training."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,47 @@ def _train_twice(kind, small, tmp_path):
     exported = lab_train.load_weights(kind, split)
     expected = b["ema"] if b["ema"] is not None else b["model"]
     assert all(torch.equal(v, expected[k]) for k, v in exported.state_dict().items())
+
+
+def test_the_schedule_restarts_warm_where_a_run_was_extended():
+    factor = lab_train._schedule(lab_train.TrainConfig(steps=10, batch_size=1, lr=1.0, warmup=2, restarts=(6,)))
+    assert [factor(s) for s in (6, 7, 8, 9)] == pytest.approx([0.5, 1.0, 1.0, 0.5])   # warm-up 2, cosine over 4
+    plain = lab_train._schedule(lab_train.TrainConfig(steps=6, batch_size=1, lr=1.0, warmup=2))
+    assert [plain(s) for s in (0, 1, 5)] == pytest.approx([0.5, 1.0, 0.5 * (1 + math.cos(math.pi * 3 / 4))])
+
+
+def test_a_finished_run_is_extended_bit_exactly_across_a_resume(small, tmp_path):
+    """2 steps, then extended to 4 in one call, or to 3 and resumed: the same run; refusals first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    config = lab_train.with_config("classifier", steps=2, batch_size=4, warmup=1)
+    quiet = dict(glyphs=small, log=lambda _: None)
+    try:
+        with pytest.raises(FileNotFoundError, match="no run to extend"):
+            lab_train.train("classifier", tmp_path / "none", extend_to=4, resume=True, **quiet)
+        for name in ("whole", "split"):
+            lab_train.train("classifier", tmp_path / name, config=config, model_overrides=TINY["classifier"], **quiet)
+        finished = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
+        with pytest.raises(ValueError, match=r"extend_to \(2\) must be beyond the step the run reached \(2\)"):
+            lab_train.train("classifier", tmp_path / "whole", resume=True, extend_to=2, **quiet)
+        lab_train.train("classifier", tmp_path / "whole", resume=True, extend_to=4, **quiet)
+        lab_train.train("classifier", tmp_path / "split", resume=True, extend_to=4, stop_at_step=3, **quiet)
+        lab_train.train("classifier", tmp_path / "split", resume=True, **quiet)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=False) for n in ("whole", "split"))
+    assert a["record"]["step"] == b["record"]["step"] == 4
+    assert a["config"]["steps"] == 4 and tuple(a["config"]["restarts"]) == (2,) == tuple(b["config"]["restarts"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not all(torch.equal(a["model"][k], finished["model"][k]) for k in a["model"])
+
+
+def test_lab_train_cli_says_what_is_wrong_with_an_extension(tmp_path, capsys):
+    from diffusers_ext.lab.__main__ import main as lab_main
+
+    with pytest.raises(SystemExit) as exit:
+        lab_main(["train", "dit", "--out", str(tmp_path / "run"), "--extend-to", "10"])
+    assert exit.value.code == 2 and "no run to extend" in capsys.readouterr().err
 
 
 def _tokens_at(model, names, call):

@@ -1,4 +1,4 @@
-"""`python -m diffusers_ext.lab train {dit,unet,classifier} --out DIR [--minutes M] [--resume]`;
+"""`python -m diffusers_ext.lab train {dit,unet,classifier} --out DIR [--minutes M] [--resume] [--extend-to STEP]`;
 `python -m diffusers_ext.lab statistics [--runs lab_runs]` (the data's FID statistics, kept for export);
 `python -m diffusers_ext.lab export [--runs lab_runs] [--to diffusers_ext/assets/glyphs]`."""
 
@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--minutes", type=positive_float, default=None, help="stop this call after M minutes (default: to the end)")
     run.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     run.add_argument("--steps", type=positive_int, default=None, help="schedule length (a new run only; default per kind)")
+    run.add_argument("--extend-to", type=positive_int, default=None, metavar="STEP",
+                     help="continue the run in --out past its schedule: a warm restart (warm-up, then cosine) "
+                          "from the step it reached to STEP (implies --resume)")
     run.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1: share the CPU)")
     export = sub.add_parser("export", help="write the shipped lab II folder from finished runs (weights, FID statistics)")
     export.add_argument("--runs", default="lab_runs", help="folder of the dit / unet / classifier runs (default: %(default)s)")
@@ -49,14 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as err:
             parser.exit(2, f"python -m diffusers_ext.lab export: error: {err}\n")
         return 0
-    if args.minutes is not None and args.minutes <= 0:
-        parser.error("--minutes must be > 0")
-    if args.steps is not None and args.steps < 1:
-        parser.error("--steps must be >= 1")
     torch.set_num_threads(args.threads)
     config = with_config(args.kind, steps=args.steps) if args.steps else DEFAULTS[args.kind]
-    train(args.kind, args.out, minutes=args.minutes, resume=args.resume, config=config,
-          log=lambda line: print(line, flush=True))
+    try:
+        train(args.kind, args.out, minutes=args.minutes, resume=args.resume or args.extend_to is not None,
+              config=config, extend_to=args.extend_to, log=lambda line: print(line, flush=True))
+    except (OSError, ValueError) as err:
+        parser.exit(2, f"python -m diffusers_ext.lab train: error: {err}\n")
     return 0
 
 

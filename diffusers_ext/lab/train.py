@@ -12,7 +12,9 @@ checkpoint and resumed continues bit for bit as if never stopped (same thread co
   prompt is `ClassTokens(label)`, the null class with `uncond_prob`.
 - classifier: cross-entropy on the training fonts; held-out accuracy (unseen font designs) at every
   checkpoint.
-AdamW, linear warm-up then cosine decay over `steps`; generators keep an EMA (the exported weights),
+AdamW, linear warm-up then cosine decay over `steps`; a run continued past its schedule (`extend_to`)
+restarts it warm at the step it had reached: warm-up again, then a cosine to the new end (SGDR's warm
+restart; `config.restarts` lists the steps). Generators keep an EMA (the exported weights),
 bf16 autocast on the CPU when `bf16`. Weights and optimizer state stay fp32.
 
 DIR holds `checkpoint.pt` (the whole training state), `weights.safetensors` (the EMA weights, or the
@@ -56,6 +58,7 @@ class TrainConfig:
     bf16: bool = True
     checkpoint_minutes: float = 5.0
     prediction: str = "epsilon"     # the UNet's target: "epsilon" or "v_prediction" (diffusers' prediction_type)
+    restarts: tuple[int, ...] = ()  # steps where the schedule restarted, warm, towards a new `steps` (extend_to)
 
 
 DEFAULTS = {
@@ -115,10 +118,13 @@ def step_loss(kind: str, model: nn.Module, images: torch.Tensor, labels: torch.T
 
 
 def _schedule(config: TrainConfig):
+    """lr factor of step s: linear warm-up, then cosine to 0 at `steps`, from the last restart <= s."""
     def factor(s: int) -> float:
+        start = max((r for r in config.restarts if r <= s), default=0)
+        s, steps = s - start, config.steps - start
         if s < config.warmup:
             return (s + 1) / config.warmup
-        return 0.5 * (1 + math.cos(math.pi * (s - config.warmup) / max(1, config.steps - config.warmup)))
+        return 0.5 * (1 + math.cos(math.pi * (s - config.warmup) / max(1, steps - config.warmup)))
     return factor
 
 
@@ -142,9 +148,10 @@ def held_out_accuracy(classifier: nn.Module, glyphs: Glyphs) -> float:
 
 def train(kind: str, out: str | Path, *, minutes: float | None = None, resume: bool = False,
           config: TrainConfig | None = None, model_overrides: dict | None = None, glyphs: Glyphs | None = None,
-          stop_at_step: int | None = None, log=print) -> dict:
+          stop_at_step: int | None = None, extend_to: int | None = None, log=print) -> dict:
     """Train `kind` into folder `out` until `config.steps`, `minutes` of this call or `stop_at_step`
-    (whichever first), checkpointing on the way; `resume` continues the run saved in `out`.
+    (whichever first), checkpointing on the way; `resume` continues the run saved in `out`, and with
+    `extend_to` past its schedule: a warm restart at the step it reached, to step `extend_to`.
     Returns the run record (also `out/record.json`)."""
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; kinds: {', '.join(KINDS)}")
@@ -158,6 +165,15 @@ def train(kind: str, out: str | Path, *, minutes: float | None = None, resume: b
         if kind != saved["kind"]:
             raise ValueError(f"{checkpoint_path} is a {saved['kind']!r} run, not {kind!r}")
         config, model_overrides = TrainConfig(**saved["config"]), saved["model_overrides"]
+        config = replace(config, restarts=tuple(config.restarts))   # a list after a JSON round trip
+        if extend_to is not None:
+            reached = saved["record"]["step"]
+            if extend_to <= reached:
+                raise ValueError(f"extend_to ({extend_to}) must be beyond the step the run reached ({reached})")
+            config = replace(config, steps=extend_to, restarts=(*config.restarts, reached))
+            saved["record"]["config"] = asdict(config)
+    elif extend_to is not None:
+        raise FileNotFoundError(f"no run to extend at {checkpoint_path}: extend_to continues a saved run")
     config = config or DEFAULTS[kind]
     out.mkdir(parents=True, exist_ok=True)
     glyphs = glyphs if glyphs is not None else load_glyphs()
