@@ -52,7 +52,7 @@ AGENT_PHASE = "agent_steps"   # the agent option whose schedule splits the run i
 TINY_AGENT = dict(min_tokens=1)   # the tiny UNet's layers are below agent's default 4096 tokens
 
 
-def pipeline_around(unet) -> "diffusers.StableDiffusionPipeline":  # noqa: F821
+def pipeline_around(unet):
     """The tiny SD pipeline's scheduler and text side around `unet` (only the denoiser is timed)."""
     pipe = tiny_pipeline("sd")
     pipe.register_modules(unet=unet)
