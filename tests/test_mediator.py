@@ -195,7 +195,7 @@ def test_adaptive_switch_with_cfg_and_batch_and_unpatch_restores():
     assert torch.equal(counts.levels[:3], counts.levels[3:])          # cond / uncond halves agree
     assert counts.levels.max() > 0                                      # it did switch
     assert any(len(groups) == 1 and groups[0][0] == 1 for groups in log)
-    assert len(pipe.transformer._forward_pre_hooks) == 1
+    assert len(pipe.transformer._forward_pre_hooks) == 2          # the step tracker and the count switch
     dx.unpatch(pipe)
     del counts, original, log
     gc.collect()
