@@ -89,6 +89,33 @@ def test_a_second_sample_on_a_folder_in_use_stops_with_a_clear_message(pipeline_
             run_sampling(_dit(), out, pipe=pipeline_of("dit"), progress=False)
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]    # it wrote nothing
     run_sampling(_dit(), out, pipe=pipeline_of("dit"), progress=False)   # once free, the run goes on
+    assert not (out / LOCK_FILE).exists()                          # a finished run leaves no lock behind
+
+
+def test_a_lock_file_removed_by_its_holder_is_not_trusted(tmp_path, monkeypatch):
+    """The race that removing the lock opens: a run opens .lock, the holder removes it and lets go,
+    the run locks the removed file. It must see that and lock the folder's current file instead."""
+    from types import SimpleNamespace
+
+    from diffusers_ext.eval import sampling
+
+    out = tmp_path / "run"
+    out.mkdir()
+    state = SimpleNamespace(is_main_process=True, num_processes=1)
+    real_open, opened = open, []
+
+    def open_then_holder_removes(path, *args, **kwargs):
+        handle = real_open(path, *args, **kwargs)
+        if str(path).endswith(LOCK_FILE) and not opened:
+            Path(path).unlink()                                     # the previous holder finished meanwhile
+        opened.append(path)
+        return handle
+
+    monkeypatch.setattr("builtins.open", open_then_holder_removes)
+    with sampling._folder_lock(out, state):
+        assert (out / LOCK_FILE).read_text().startswith("pid ")   # the folder's own file is the one held
+        assert len(opened) == 2
+    assert not (out / LOCK_FILE).exists()
 
 
 @pytest.mark.parametrize("bad", [dict(cfg_scale=float("nan")), dict(method="agent"), dict(height=24)])

@@ -289,28 +289,35 @@ def check_outputs(output_dir: Path, targets: dict[str, Path], overwrite: bool = 
 @contextlib.contextmanager
 def _folder_lock(output_dir: Path, state):
     """One run per folder: the main process holds an exclusive flock on OUTPUT_DIR/.lock; a second
-    run on the same folder stops at once with a clear message (every process of it)."""
+    run on the same folder stops at once with a clear message (every process of it). The holder
+    removes the file before it lets go, so a finished run leaves no lock behind; a run that locked a
+    file just removed (opened before the removal) sees it is no longer the folder's and tries again."""
     message, handle = None, None
+    path = output_dir / LOCK_FILE
     if state.is_main_process:
         import fcntl
         import socket
 
         output_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(output_dir / LOCK_FILE, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            handle = None
-            message = (f"{output_dir} is in use by another `diffusers-ext sample` ({holder}); wait for it to "
-                       "finish, then run this command again (it resumes, or only merges)")
-        else:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-            handle.flush()
+        while True:
+            handle = open(path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                handle = None
+                message = (f"{output_dir} is in use by another `diffusers-ext sample` ({holder}); wait for it "
+                           "to finish, then run this command again (it resumes, or only merges)")
+                break
+            if _same_file(handle, path):
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+                handle.flush()
+                break
+            handle.close()   # the previous holder removed this file after we opened it: lock the new one
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -323,7 +330,16 @@ def _folder_lock(output_dir: Path, state):
         yield
     finally:
         if handle is not None:
-            handle.close()   # releases the lock
+            path.unlink(missing_ok=True)   # while still held: no run can lock this file and keep working
+            handle.close()                 # releases the lock
+
+
+def _same_file(handle, path: Path) -> bool:
+    """Is the open file `handle` still the one at `path`?"""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _remove_if_unused(output_dir: Path, existed: bool) -> None:
