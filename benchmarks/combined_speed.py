@@ -52,10 +52,12 @@ AGENT_PHASE = "agent_steps"   # the agent option whose schedule splits the run i
 TINY_AGENT = dict(min_tokens=1)   # the tiny UNet's layers are below agent's default 4096 tokens
 
 
-def pipeline_around(unet):
-    """The tiny SD pipeline's scheduler and text side around `unet` (only the denoiser is timed)."""
+def pipeline_around(unet=None):
+    """The tiny SD pipeline's scheduler and text side around `unet` (default: its own tiny UNet); only
+    the denoiser is timed."""
     pipe = tiny_pipeline("sd")
-    pipe.register_modules(unet=unet)
+    if unet is not None:
+        pipe.register_modules(unet=unet)
     pipe.vae_scale_factor = 8   # SD's VAE; the tiny one is never run (the calls take latents)
     return pipe
 
@@ -95,7 +97,7 @@ def step_kinds(name: str, steps: int) -> list[tuple[str, str]]:
 
 def check_step_kinds(steps: int) -> None:
     """Run the tiny pipeline with both accelerators and compare what each step did with `step_kinds`."""
-    pipe = pipeline_around(tiny_pipeline("sd").unet)
+    pipe = pipeline_around()
     seen = []
     with configured(pipe, "agent+deepcache", TINY_AGENT):
         record = dx.patch_record(pipe)
@@ -137,9 +139,8 @@ def main(argv=None) -> int:
         parser.error(f"--side must be a multiple of 8, got {args.side}")
 
     check_step_kinds(args.steps)
-    torch.manual_seed(0)
-    unet = tiny_pipeline("sd").unet if args.quick else build_unet("sd15").eval()
-    pipe = pipeline_around(unet)
+    pipe = pipeline_around(None if args.quick else build_unet("sd15").eval())
+    unet = pipe.unet
     pipe.scheduler.set_timesteps(args.steps)
     timesteps = pipe.scheduler.timesteps
     g = torch.Generator().manual_seed(1)

@@ -35,7 +35,8 @@ import harness
 from diffusers_ext import digits, files
 from diffusers_ext.distill import DistillConfig, Distiller
 from diffusers_ext.eval.metrics import frechet_distance
-from study import RowCache, Scorer, file_digest, to_uint8_rgb
+from diffusers_ext.pipeline_io import tensor_to_uint8
+from study import RowCache, Scorer, file_digest
 
 CONFIGS = {  # name -> (method, options)
     "mediators n=64": ("mediator", dict(mediators=64)),
@@ -222,7 +223,7 @@ def write_grid(path: Path, samples: dict[str, torch.Tensor], scale: int = 3) -> 
     for r, name in enumerate(names):
         draw.text((4, r * side + side // 3), name, fill=0)
         for c in range(10):
-            img = to_uint8_rgb(samples[name][c:c + 1])[0, :, :, 0]
+            img = tensor_to_uint8(samples[name][c:c + 1])[0, :, :, 0]
             tile = Image.fromarray(255 - img).resize((side, side), Image.NEAREST)
             canvas.paste(tile, (label_w + c * side, r * side))
     canvas.save(path)

@@ -31,7 +31,7 @@ import harness
 from diffusers_ext import files
 from diffusers_ext.eval.inception import InceptionNetwork, extract_features
 from diffusers_ext.eval.metrics import compute_statistics, frechet_distance
-from diffusers_ext.eval.sampling import to_uint8
+from diffusers_ext.pipeline_io import tensor_to_uint8
 
 
 def file_digest(path: str | Path) -> str:
@@ -80,11 +80,6 @@ class RowCache:
         return folder / "distill" if folder is not None else Path(fallback)
 
 
-def to_uint8_rgb(images: torch.Tensor) -> np.ndarray:
-    """(B, 1 or 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), quantised as the FID sampler does (`to_uint8`)."""
-    return to_uint8(((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
-
-
 class Scorer:
     """FID of sample sets against one reference set, Inception pool features of the FID tool."""
 
@@ -101,7 +96,7 @@ class Scorer:
         """(mu, sigma) of the pool features of `images`, kept in `cache` (keyed by the images' bytes)."""
         path = None
         if cache is not None and cache.root is not None:
-            digest = hashlib.sha256(to_uint8_rgb(images).tobytes()).hexdigest()[:16]
+            digest = hashlib.sha256(tensor_to_uint8(images).tobytes()).hexdigest()[:16]
             path = cache.root / f"statistics-{digest}.npz"
             if path.is_file():
                 with np.load(path) as saved:
@@ -115,7 +110,7 @@ class Scorer:
         return mu, sigma
 
     def pool(self, images: torch.Tensor, desc: str) -> np.ndarray:
-        arr = to_uint8_rgb(images)
+        arr = tensor_to_uint8(images)
         chunks = (arr[i:i + self.batch] for i in range(0, len(arr), self.batch))
         return extract_features(self.network, chunks, total=len(arr), desc=f"features {desc}")["pool"]
 

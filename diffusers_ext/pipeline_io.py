@@ -191,6 +191,12 @@ def to_uint8(images) -> np.ndarray:
     return np.clip(np.floor(images.astype(np.float64) * 255.0 + 0.5), 0, 255).astype(np.uint8)
 
 
+def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images (B, 1 or 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), quantised by `to_uint8` as the FID
+    sampler quantises pipeline output: reference images and samples meet the Inception network alike."""
+    return to_uint8(((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
+
+
 class DenoiserTimer:
     """Wall time of every denoiser forward (synchronised on CUDA), as a context manager:
 

@@ -163,7 +163,7 @@ def data_statistics(path: str | Path, glyphs=None, log=print) -> Path:
 
     from ..eval.inception import InceptionNetwork, extract_features
     from ..eval.metrics import compute_statistics
-    from ..eval.sampling import to_uint8
+    from ..pipeline_io import tensor_to_uint8
     from ..files import atomic_savez
     from .data import load_glyphs
 
@@ -174,7 +174,7 @@ def data_statistics(path: str | Path, glyphs=None, log=print) -> Path:
             if "fingerprint" in saved and str(saved["fingerprint"]) == glyphs.fingerprint():
                 return path
         log(f"{path} holds the statistics of other glyph data: recomputing them")
-    pixels = to_uint8(((glyphs.images + 1) / 2).repeat(1, 3, 1, 1).permute(0, 2, 3, 1).numpy())
+    pixels = tensor_to_uint8(glyphs.images)   # as the study's samples (grey repeated into RGB)
     chunks = (pixels[i:i + 8] for i in range(0, len(pixels), 8))
     mu, sigma = compute_statistics(extract_features(InceptionNetwork(), chunks, total=len(pixels),
                                                     desc="FID reference")["pool"])
