@@ -487,6 +487,30 @@ def test_lab_training_refuses_empty_budgets(argv, message, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+LOOP_FIELDS_BAD = [("batch_size", 0, "batch_size must be >= 1"), ("max_steps", 0, "max_steps must be >= 1"),
+                   ("gradient_accumulation_steps", 0, "gradient_accumulation_steps must be >= 1"),
+                   ("lr", 0.0, "lr must be > 0"), ("lr", float("nan"), "lr must be a finite number"),
+                   ("weight_decay", -0.1, "weight_decay must be >= 0"), ("max_grad_norm", float("inf"), "finite"),
+                   ("warmup_steps", -1, "warmup_steps must be >= 0"),
+                   ("checkpoint_every", -1, "checkpoint_every must be >= 0"),
+                   ("keep_checkpoints", -2, "keep_checkpoints must be >= 0"),
+                   ("mixed_precision", "fp8", "mixed_precision must be one of no, fp16, bf16")]
+
+
+@pytest.mark.parametrize("config", ["distill", "motion"])
+@pytest.mark.parametrize("field, value, message", LOOP_FIELDS_BAD, ids=[f"{f}={v}" for f, v, _ in LOOP_FIELDS_BAD])
+def test_every_fine_tune_config_refuses_the_same_bad_loop_fields(config, field, value, message, tmp_path):
+    """The fields `TrainingLoop` reads are checked in one place (`loop.check_loop_config`) for every
+    fine-tune; before, the motion-module trainer accepted a negative checkpoint count or an infinite lr."""
+    if config == "distill":
+        from diffusers_ext.distill import DistillConfig as Config
+    else:
+        from diffusers_ext.pipelines.animatediff_anchor import MotionTrainConfig as Config
+    Config(output_dir=str(tmp_path))   # the defaults are fine
+    with pytest.raises(ValueError, match=message):
+        Config(output_dir=str(tmp_path), **{field: value})
+
+
 def test_compare_shows_progress_from_the_warm_up_on(pipeline_of, capsys):
     """Old: the warm-up ran without a progress bar (with --width 100000: minutes of silence)."""
     from diffusers_ext.compare import compare_pipeline

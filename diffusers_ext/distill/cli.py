@@ -11,6 +11,7 @@ import argparse
 import json
 
 from ..argtypes import finite_float, positive_int
+from .loop import MIXED_PRECISIONS
 
 
 def register(subparsers) -> None:
@@ -43,7 +44,7 @@ def add_loop_arguments(p: argparse.ArgumentParser, *, batch_size: int, lr: float
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--max-grad-norm", type=finite_float, default=1.0, help="0: no clipping")
     p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default="no")
     p.add_argument("--dtype", default="float32", help="dtype the model is loaded in (keep float32 for training)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     p.add_argument("--checkpoint-every", type=int, default=0)

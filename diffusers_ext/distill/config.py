@@ -7,11 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .loop import check_loop_config
+
 
 @dataclass
 class DistillConfig:
     """Everything a distillation run needs besides the model and the method. The optimisation and
-    bookkeeping fields are the ones `TrainingLoop` reads (`loop.LoopConfig`)."""
+    bookkeeping fields are the ones `TrainingLoop` reads (`loop.LoopConfig`, checked by
+    `loop.check_loop_config`)."""
 
     output_dir: str = "distilled"
     # conditions
@@ -42,20 +45,17 @@ class DistillConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("lr", "inherited_lr", "weight_decay", "uncond_prob", "max_grad_norm"):
+        check_loop_config(self)
+        for name in ("inherited_lr", "uncond_prob"):
             value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
+            if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}")
-        if self.batch_size < 1 or self.max_steps < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("batch_size, max_steps and gradient_accumulation_steps must be >= 1")
-        if self.lr <= 0 or self.inherited_lr < 0:
-            raise ValueError(f"lr must be > 0 and inherited_lr >= 0; got {self.lr}, {self.inherited_lr}")
+        if self.inherited_lr < 0:
+            raise ValueError(f"inherited_lr must be >= 0, got {self.inherited_lr}")
         if not 0.0 <= self.uncond_prob <= 1.0:
             raise ValueError(f"uncond_prob must be in [0, 1], got {self.uncond_prob}")
         if self.shared_timestep not in (None, True, False):
             raise ValueError(f"shared_timestep must be None (automatic), True or False, got {self.shared_timestep!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.latents in ("noise", "trajectory"):
             return
         if not Path(self.latents).is_dir():

@@ -47,6 +47,31 @@ class LoopConfig(Protocol):
     progress: bool
 
 
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+
+
+def check_loop_config(config) -> None:
+    """Refuse optimisation and bookkeeping fields the loop cannot run (every fine-tune config calls this
+    from `__post_init__`): counts >= 1, lr finite and > 0, weight decay / clipping finite and >= 0,
+    warmup and checkpoint counts >= 0, a known mixed precision. Raises ValueError naming the field."""
+    for name in ("batch_size", "max_steps", "gradient_accumulation_steps"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    for name in ("lr", "weight_decay", "max_grad_norm"):
+        value = getattr(config, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+    if not config.lr > 0:
+        raise ValueError(f"lr must be > 0, got {config.lr}")
+    for name in ("weight_decay", "max_grad_norm", "warmup_steps", "checkpoint_every", "keep_checkpoints"):
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if config.mixed_precision not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, "
+                         f"got {config.mixed_precision!r}")
+
+
 def batch_generator(seed: int, index: int, rank: int = 0) -> torch.Generator:
     """The random generator of batch `index` on process `rank`: a run's batches depend on (seed, index,
     rank) only, so a resumed run draws what an uninterrupted one would."""

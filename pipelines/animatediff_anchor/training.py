@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from diffusers_ext.distill.loop import check_loop_config
 from diffusers_ext.ops import resolve_anchor
 
 TRAINED_NAME = "motion_train.safetensors"       # the trained tensors in a checkpoint folder
@@ -79,21 +80,16 @@ class MotionTrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("frames", "stride", "batch_size", "max_steps", "gradient_accumulation_steps"):
-            if int(getattr(self, name)) < (2 if name == "frames" else 1):
-                raise ValueError(f"{name} must be >= {2 if name == 'frames' else 1}, got {getattr(self, name)}")
+        check_loop_config(self)
+        if self.frames < 2 or self.stride < 1:
+            raise ValueError(f"frames must be >= 2 and stride >= 1, got {self.frames}, {self.stride}")
         resolve_anchor(self.anchor, self.frames)
-        if not self.lr > 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError(f"lr must be > 0, weight_decay and warmup_steps >= 0; got {self.lr}, "
-                             f"{self.weight_decay}, {self.warmup_steps}")
         if not 0.0 <= self.uncond_prob <= 1.0:
             raise ValueError(f"uncond_prob must be in [0, 1], got {self.uncond_prob}")
         if self.lora_rank < 0 or (self.lora_alpha is not None and not self.lora_alpha > 0):
             raise ValueError(f"lora_rank must be >= 0 and lora_alpha > 0; got {self.lora_rank}, {self.lora_alpha}")
         if self.resolution is not None and self.resolution < 1:
             raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
 
 
 @dataclass
