@@ -30,6 +30,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -231,12 +232,12 @@ def run_curves(study: Study, scratch: Path) -> None:
             study.evaluate(settings, pipe, dict(curve=name, minutes=m, distill_steps=steps), keep_pipe=False)
 
 
-def write_tables(study: Study, argv) -> None:
+def write_tables(study: Study, argv, floor: list[float]) -> None:
     args, rows = study.args, study.rows
     stem = harness.output_stem(args, harness.RESULTS / f"glyph_lab_{study.part}")
     meta = dict(command=harness.command(__file__, argv), part=study.part, num=args.num, sampling=study.sampling,
                 batch=args.batch, repeats=args.repeats, warmup=args.warmup, distill_minutes=args.distill_minutes,
-                distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr,
+                distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr, noise_floor=floor,
                 machine=harness.machine("cpu", torch.float32), threads=torch.get_num_threads())
     harness.write_json(stem.with_name(stem.name + ".json"), dict(meta=meta, rows=rows))
     lines = harness.header(
@@ -245,7 +246,10 @@ def write_tables(study: Study, argv) -> None:
             f"{args.num} samples a row ({NUM_CLASSES} classes equally often, the same noise in every row), "
             f"{study.sampling}. FID against all glyph images (shipped statistics); class accuracy by the shipped "
             "classifier; deviation = relative L2 distance from the stock samples of the same noise; speed = stock / "
-            f"patched time of one denoiser call at batch {args.batch} x 2."])
+            f"patched time of one denoiser call at batch {args.batch} x 2.",
+            f"Noise floor: {args.num} real glyphs (the same class mix, fonts drawn at random) score FID "
+            f"{harness.spread(statistics.median(floor), min(floor), max(floor))} against the statistics over "
+            f"{len(floor)} draws: a perfect model's FID at this sample count, and how far a row moves by chance."])
     table = []
     for r in rows:
         speed = f"{r['speed']:.2f}x" if "speed" in r else "-"
@@ -256,12 +260,13 @@ def write_tables(study: Study, argv) -> None:
     lines += harness.markdown_table(["configuration", "mode", "FID", "class accuracy", "deviation", "speed",
                                      "fine-tune"], table)
     harness.write_atomic(stem.with_name(stem.name + ".md"), "\n".join(lines) + "\n")
-    plot(study, stem)
+    plot(study, stem, floor)
     print("\n".join(lines))
 
 
-def plot(study: Study, stem: Path) -> None:
-    """speed vs FID (one point per row, stock marked); for curves, FID and accuracy against minutes."""
+def plot(study: Study, stem: Path, floor: list[float]) -> None:
+    """speed vs FID (one point per row, stock marked); for curves, FID and accuracy against minutes; the
+    real-data noise floor as a grey band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,6 +281,7 @@ def plot(study: Study, stem: Path) -> None:
             left.plot([m for m, _ in points], [r["fid"] for _, r in points], marker="o", label=curve)
             right.plot([m for m, _ in points], [100 * r["accuracy"] for _, r in points], marker="o", label=curve)
         left.axhline(stock["fid"], color="k", ls="--", label="stock")
+        left.axhspan(min(floor), max(floor), color="0.85", label="real glyphs (noise floor)")
         right.axhline(100 * stock["accuracy"], color="k", ls="--", label="stock")
         left.set(xlabel="fine-tune minutes (this CPU)", ylabel="FID", title="FID")
         right.set(xlabel="fine-tune minutes (this CPU)", ylabel="class accuracy (%)", title="class accuracy")
@@ -289,6 +295,7 @@ def plot(study: Study, stem: Path) -> None:
             marker = "*" if r["name"] == "stock" else ("o" if r["mode"] == "distilled" else "^")
             ax.scatter(r["speed"], r["fid"], marker=marker, s=120 if r["name"] == "stock" else 40)
             ax.annotate(r["key"], (r["speed"], r["fid"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axhspan(min(floor), max(floor), color="0.85", label="real glyphs (noise floor)")
         ax.set(xlabel="speed-up over stock (denoiser call)", ylabel="FID (lower is better)",
                title=f"glyph {study.part}: speed vs FID (star: stock)")
         path = stem.with_name(stem.name + "_speed_fid.png")
@@ -311,13 +318,15 @@ def main(argv=None) -> int:
     parser.add_argument("--inherited-lr", type=non_negative_float, default=1e-4)
     parser.add_argument("--batch", type=positive_int, default=16, help="timing: images per denoiser call (x 2 with guidance)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timing: round-robin rounds")
+    parser.add_argument("--floor-draws", type=positive_int, default=5,
+                        help="draws of --num real glyphs for the FID noise floor")
     parser.add_argument("--cache", default="lab_runs/glyph_lab_cache", help="finished rows and fine-tunes (resume)")
     parser.add_argument("--no-cache", action="store_true", help="recompute everything, keep nothing")
     harness.add_warmup_argument(parser)
     harness.add_output_argument(parser, harness.RESULTS / "glyph_lab")
     harness.add_quick_argument(parser, "36 samples in 2 steps, 0.05-minute fine-tunes, timing at batch 2, 1 round")
     args = harness.apply_quick(parser, parser.parse_args(argv), num=36, distill_minutes=0.05, distill_batch=4,
-                               batch=2, repeats=1)
+                               batch=2, repeats=1, floor_draws=2)
     if args.num % NUM_CLASSES:
         parser.error(f"--num must be a multiple of {NUM_CLASSES}")
     torch.set_num_threads(os.cpu_count() or 1)
@@ -333,13 +342,15 @@ def main(argv=None) -> int:
     scorer = Scorer((glyphs.images[:NUM_CLASSES] if args.quick else glyphs.images) if reference is None else None,
                     reference_statistics=reference,
                     cache=RowCache(None if args.no_cache else args.cache))
+    floor = scorer.noise_floor(glyphs.images, glyphs.labels, args.num, args.floor_draws,
+                               RowCache(None if args.no_cache else args.cache))
     with tempfile.TemporaryDirectory() as scratch:
         for part in args.part:
             study = Study(args, part, scorer, classifier, train_images)
             {"sit": run_sit, "unet": run_unet, "curves": run_curves}[part](study, Path(scratch))
             if part != "curves":
                 study.time_all()
-            write_tables(study, argv)
+            write_tables(study, argv, floor)
     return 0
 
 

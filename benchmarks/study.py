@@ -117,3 +117,28 @@ class Scorer:
     def fid(self, images: torch.Tensor, desc: str) -> float:
         mu, sigma = compute_statistics(self.pool(images, desc))
         return frechet_distance(mu, sigma, *self.reference)
+
+    def noise_floor(self, images: torch.Tensor, labels: torch.Tensor, num: int, draws: int,
+                    cache: RowCache | None = None) -> list[float]:
+        """FID of `num` real images (`balanced_draw`, seeds 0 .. draws-1) against the reference, once per
+        draw: what a perfect model scores at this sample count, and how much a row moves by chance."""
+        fids = []
+        for seed in range(draws):
+            mu, sigma = self.statistics(images[balanced_draw(labels, num, seed)], f"real {seed + 1}/{draws}", cache)
+            fids.append(frechet_distance(mu, sigma, *self.reference))
+        return fids
+
+
+def balanced_draw(labels: torch.Tensor, num: int, seed: int) -> torch.Tensor:
+    """Indices of `num` items, every class of `labels` equally often (num // classes each), drawn at random
+    without replacement within a class (torch.Generator seeded with `seed`), in class order."""
+    classes = labels.unique()
+    per_class = num // len(classes)
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in classes:
+        members = torch.nonzero(labels == c).flatten()
+        if len(members) < per_class:
+            raise ValueError(f"class {int(c)} has {len(members)} items, fewer than the {per_class} a draw takes")
+        picks.append(members[torch.randperm(len(members), generator=g)[:per_class]])
+    return torch.cat(picks)

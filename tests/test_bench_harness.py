@@ -294,3 +294,23 @@ def test_interleaved_deadline_keeps_at_least_one_round():
     timings = harness.interleaved({"a": scripted(clock, [50.0, 1.0, 1.0])}, rounds=2, warmup=1, clock=clock,
                                   progress=False, deadline=0.0)
     assert timings["a"].seconds == [1.0]
+
+
+# --- benchmarks/study.py: the class-balanced draw of the FID noise floor ------------------------------------
+
+def _study():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(_PATH.parent))
+        return importlib.import_module("study")
+
+
+def test_the_noise_floor_draws_every_class_equally_without_repeats_and_by_seed():
+    study = _study()
+    labels = torch.tensor([0, 1, 2] * 5 + [2, 2])            # 5, 5 and 7 members
+    draw = study.balanced_draw(labels, 9, seed=3)
+    assert sorted(labels[draw].tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert len(set(draw.tolist())) == 9
+    assert torch.equal(draw, study.balanced_draw(labels, 9, seed=3))
+    assert any(not torch.equal(draw, study.balanced_draw(labels, 9, seed=s)) for s in range(4, 8))
+    with pytest.raises(ValueError, match="class 0 has 5 items, fewer than the 6 a draw takes"):
+        study.balanced_draw(labels, 18, seed=0)
