@@ -15,6 +15,8 @@ UNet whose finest self-attention has 1024 tokens. Per configuration:
   configuration of the part timed round-robin in this run (benchmarks/harness.py);
 - fine-tune (SiT methods with trainable parts): a distillation from the stock model on the training
   glyphs, `--distill-minutes` of this CPU (the step count is calibrated once and kept in the cache).
+Noise floor (every table): the FID of `--num` real glyphs, class-balanced, against the same statistics,
+over `--floor-draws` draws (`study.Scorer.noise_floor`): rows closer than its spread are not told apart.
 Curves (`--part curves`): quality after 0, 2, 5, 10, 20 minutes of fine-tune, one run per method,
 evaluated at its checkpoints (the lr is constant after warm-up, so a run resumed to a later step is
 the run that went there directly).
