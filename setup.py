@@ -30,7 +30,7 @@ EXTRAS = {
 EXTRAS["dev"] = sorted(
     set(EXTRAS["eval"]) | set(EXTRAS["app"]) | set(EXTRAS["lab"]) | {"pytest>=8", "tomesd==0.1.3", "matplotlib",
                                                  # the composition matrix (tests/test_compat.py)
-                                                 "peft>=0.17", "DeepCache==0.1.1",
+                                                 "peft>=0.17", "DeepCache==0.1.1", "torchao==0.18.0",
                                                  # the app's browser test (Debian's chromium: setup.sh)
                                                  "selenium>=4.20",
                                                  # the notebooks, executed by tests/test_notebooks.py

@@ -426,6 +426,23 @@ def check_bf16(method, tiny):
         assert run_denoiser(denoiser, kwargs).dtype == torch.bfloat16
 
 
+def check_torchao(method, tiny):
+    """torchao int8 weight-only quantisation of the denoiser (its CPU path) before the patch: the patch
+    reads the quantised projections (every Linear's weight an `Int8Tensor`), acts, unpatches to the
+    quantised model, and stays near the patch on the fp32 weights."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    pipe = tiny_pipeline(tiny)
+    denoiser, _ = find_denoiser(pipe)
+    with dx.patched(pipe, method):
+        full = gen(pipe)
+    quantize_(denoiser, Int8WeightOnlyConfig())
+    linears = [m for m in denoiser.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all("Int8" in type(m.weight).__name__ for m in linears)
+    quantised = composes(pipe, method)
+    assert float((quantised - full).norm() / full.norm()) < 0.05, "int8 weights moved the patched output"
+
+
 def check_deepcache(method, tiny):
     """DeepCache enabled before or after the patch, disabled before or after `dx.unpatch`: both act
     together, and removing either leaves exactly the other (its `disable()` puts back the `forward` it
