@@ -99,7 +99,7 @@ class TTTAttnProcessor(JointAttentionProcessor):
         """The TTT branch's image queries and keys: rescaled (with the local branch), keys
         instance-normalised, then the residual grid convs on both."""
         if self.local != "none":
-            q = q * self.q_scale.to(q.dtype) + self.q_offset.to(q.dtype)
+            q = torch.addcmul(self.q_offset.to(q.dtype), q, self.q_scale.to(q.dtype))   # q a_q + b_q, one pass
             k = k * self.k_scale.to(k.dtype)
         k = key_instance_norm(k, KEY_NORM_EPS)
         return self._conv_residual(self.q_conv, q, grid), self._conv_residual(self.k_conv, k, grid)
@@ -113,7 +113,7 @@ class TTTAttnProcessor(JointAttentionProcessor):
         if self.local == "none":
             return out_ttt
         local = neighborhood_attention(q, k, v, grid, self.kernel_size, scale)
-        return LOCAL_WEIGHT * local + (1 - LOCAL_WEIGHT) * out_ttt
+        return torch.lerp(out_ttt, local, LOCAL_WEIGHT)   # LOCAL_WEIGHT local + (1 - LOCAL_WEIGHT) o_ttt, one pass
 
     # --- forward ---------------------------------------------------------------------------------------
 
