@@ -91,6 +91,8 @@ FEATURES: tuple[Feature, ...] = (
             "finite output with 30x the usual latent scale"),
     Feature("torchao", "torchao int8 weight-only quantisation (`quantize_`) before the patch", ("dit", "sd3", "sd"),
             "the patch runs on the quantised projections; within 5 % of the patch on fp32 weights"),
+    Feature("autocast", "CPU bf16 autocast over fp32 weights, after an fp32 call", ("dit", "sd3", "sd"),
+            "bf16 out, finite, within 5 % of the fp32 patch: what a processor caches follows the compute dtype"),
     Feature("deepcache", "DeepCache (`DeepCacheSDHelper`)", ("sdxl", "sd"),
             "enabled before or after the patch, both act; `helper.disable()` and `dx.unpatch` in either order "
             "leave exactly the other", slow=("sdxl", "sd")),

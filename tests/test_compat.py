@@ -443,6 +443,26 @@ def check_torchao(method, tiny):
     assert float((quantised - full).norm() / full.norm()) < 0.05, "int8 weights moved the patched output"
 
 
+def check_autocast(method, tiny):
+    """CPU bf16 autocast over fp32 weights, after an fp32 call (what a processor caches from that call,
+    e.g. frozen constants, must follow the compute dtype): finite, bf16 out, within 5 % of the fp32
+    patched output, and the patch acts under autocast."""
+    pipe = tiny_pipeline(tiny)
+    denoiser, kwargs = denoiser_inputs(pipe, batch=1)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return run_denoiser(denoiser, kwargs)
+
+    stock = run()
+    with dx.patched(pipe, method):
+        full = run_denoiser(denoiser, kwargs)
+        half = run()
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
+    assert not torch.equal(half, stock), f"{method}: the patch does not act under autocast"
+    assert float((half.float() - full).norm() / full.norm()) < 0.05, f"{method}: autocast moved the output"
+
+
 def check_deepcache(method, tiny):
     """DeepCache enabled before or after the patch, disabled before or after `dx.unpatch`: both act
     together, and removing either leaves exactly the other (its `disable()` puts back the `forward` it

@@ -54,9 +54,14 @@ def dense_vca(attn, proc, x, grid):
     return attn.to_out[0](o.transpose(1, 2).reshape(x.shape[0], -1, h * q.shape[-1]))
 
 
-@pytest.mark.parametrize("grid,tokens", [((8, 8), 16), ((6, 10), 4), ((12, 12), 64)])
-def test_vca_matches_dense_reference(grid, tokens):
+@pytest.mark.parametrize("grid,tokens,scale", [((8, 8), 16, None), ((6, 10), 4, None), ((12, 12), 64, None),
+                                               ((4, 4), 16, None), ((8, 8), 16, 0.3)])
+def test_vca_matches_dense_reference(grid, tokens, scale):
+    """Also: contrast tokens exactly as wide as the grid (4 x 4 on 4 x 4), and a layer whose softmax
+    scale is not d^-1/2 (both stages must use the layer's own)."""
     pipe, record, attn, proc = _patched(tokens)
+    if scale is not None:
+        attn.scale = scale
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in proc.parameters():
@@ -115,11 +120,14 @@ def test_vca_gradients_reach_new_parameters():
         assert getattr(proc, name).grad is not None and getattr(proc, name).grad.abs().sum() > 0, name
 
 
-def test_calibration_matches_pooled_attention_rms_once_and_spares_trained_gains():
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_calibration_matches_pooled_attention_rms_once_and_spares_trained_gains(scale):
     """The first batch sets the stage-II gain so that the output's RMS per channel (over batch, heads
     and tokens) is that of pooled-query agent attention softmax(s Q T^T) softmax(s T K^T) V on it
     (to_out is the identity here, so the output is the heads merged; the zero DWC adds nothing)."""
     pipe, record, attn, proc = _patched(16)
+    if scale is not None:           # a layer whose softmax scale is not d^-1/2: the reference uses it too
+        attn.scale = scale
     with torch.no_grad():
         attn.to_out[0].weight.copy_(torch.eye(attn.inner_dim))
         attn.to_out[0].bias.zero_()
@@ -143,3 +151,58 @@ def test_calibration_matches_pooled_attention_rms_once_and_spares_trained_gains(
         proc.norm2_weight.fill_(0.7)                                      # a trained / loaded gain
     _attend(record, attn, proc, x, (8, 8))
     assert torch.all(proc.norm2_weight == 0.7)
+
+
+def test_token_counts_must_be_perfect_squares_and_fit_the_grid():
+    pipe = tiny_pipeline("dit")
+    for bad in (True, 4.0, 0, -4, 3, 10):
+        with pytest.raises(ValueError, match="perfect square"):
+            dx.patch(pipe, "vca", tokens=bad)
+    for good in (1, 4):
+        dx.patch(pipe, "vca", tokens=good)
+        dx.unpatch(pipe)
+    pipe, record, attn, proc = _patched(64)
+    with pytest.raises(ValueError, match=r"64 contrast tokens \(8 x 8\) do not fit the 6 x 10 token grid"):
+        _attend(record, attn, proc, torch.randn(1, 60, attn.inner_dim), (6, 10))
+
+
+def test_new_parameters_per_layer_are_the_documented_ones():
+    """e+, e- (n, C); lambda_q, lambda_k (stage, pair, d); two RMSNorm gains (d); the DWC only with
+    `dwc=True`; the lambda vectors differ between layers (seeded by depth) and are reproducible."""
+    pipe, record, attn, proc = _patched(16)
+    d = attn.inner_dim // attn.heads
+    shapes = {n: tuple(p.shape) for n, p in proc.named_parameters()}
+    assert shapes == {"pos_embedding": (16, attn.inner_dim), "neg_embedding": (16, attn.inner_dim),
+                      "lambda_q": (2, 2, d), "lambda_k": (2, 2, d), "norm1_weight": (d,), "norm2_weight": (d,),
+                      "dwc.conv.weight": (attn.inner_dim, 1, 3, 3), "dwc.conv.bias": (attn.inner_dim,)}
+    first = pipe.transformer.transformer_blocks[0].attn1.processor
+    assert not torch.equal(first.lambda_q, proc.lambda_q) and not torch.equal(first.lambda_k, proc.lambda_k)
+    _, _, _, again = _patched(16)
+    assert torch.equal(again.lambda_q, proc.lambda_q) and torch.equal(again.lambda_k, proc.lambda_k)
+    pipe = tiny_pipeline("dit")
+    dx.patch(pipe, "vca", tokens=16, dwc=False)
+    assert not any("dwc" in n for n, _ in pipe.transformer.transformer_blocks[1].attn1.processor.named_parameters())
+
+
+def test_without_calibration_the_gain_stays_at_its_init():
+    pipe = tiny_pipeline("dit")
+    dx.patch(pipe, "vca", tokens=16, calibrate=False)
+    record, attn = dx.patch_record(pipe), pipe.transformer.transformer_blocks[1].attn1
+    _attend(record, attn, attn.processor, torch.randn(2, 64, attn.inner_dim), (8, 8))
+    assert torch.equal(attn.processor.norm2_weight, torch.ones_like(attn.processor.norm2_weight))
+
+
+def test_constants_follow_the_model_dtype_after_a_call():
+    """The frozen e+ / e- / lambdas are keyed by dtype: a float32 call, then the model in float64, gives
+    the float64 dense reference to float64 precision (stale float32 constants miss it by ~1e-7)."""
+    pipe, record, attn, proc = _patched(16)
+    x = torch.randn(2, 64, attn.inner_dim)
+    _attend(record, attn, proc, x, (8, 8))
+    pipe.transformer.to(torch.float64)
+    with torch.no_grad():
+        for p in proc.parameters():
+            p.add_(0.3 * torch.randn(p.shape, dtype=p.dtype))
+    x = x.double()
+    with torch.no_grad():
+        expected = dense_vca(attn, proc, x, (8, 8))
+    torch.testing.assert_close(_attend(record, attn, proc, x, (8, 8)), expected, atol=1e-12, rtol=1e-10)
