@@ -542,6 +542,47 @@ def test_todo_matches_dense_downsampled_attention(mode, dtype, tol):
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
 
+def _todo(attn, site, latent_hw, **options):
+    method = get_method("todo")
+    state = StepState(schedules={"steps": Schedule()})
+    state.latent_hw = latent_hw
+    state.update(999.0, 0, 10, 0.0)
+    record = PatchRecord("todo", "sd", method.resolve_options("sd", {"factor": 2, **options}), state)
+    attn.set_processor(method.make_processor(site, attn.processor, record))
+
+
+def test_todo_honours_the_layer_scale_and_upcast_attention():
+    """A layer whose softmax scale is not d^-1/2 keeps it; SD 2.x's upcast_attention on a bf16 module:
+    bf16 projections, attention in fp32, the output rounded to bf16 once (within half a bf16 ulp of
+    the float64 attention of the same projections; to_out is the identity, inputs multiples of 1/8)."""
+    torch.manual_seed(7)
+    attn, site = _site()
+    attn.scale = 0.2
+    _todo(attn, site, (8, 8))
+    x = torch.randn(2, 64, 32)
+    with torch.no_grad():
+        small = x.view(2, 8, 8, 32)[:, ::2, ::2].reshape(2, 16, 32)
+        q, k, v = heads_of(attn.to_q(x), 4), heads_of(attn.to_k(small), 4), heads_of(attn.to_v(small), 4)
+        expected = attn.to_out[0](softmax_attention(q, k, v, 0.2).transpose(1, 2).reshape(2, 64, 32))
+        torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-4)
+
+    attn, site = _site()
+    attn.upcast_attention = True
+    with torch.no_grad():
+        attn.to_out[0].weight.copy_(torch.eye(32))
+        attn.to_out[0].bias.zero_()
+    attn.to(torch.bfloat16)
+    _todo(attn, site, (8, 8))
+    x = (torch.randint(-8, 9, (2, 64, 32)) / 8).to(torch.bfloat16)
+    with torch.no_grad():
+        out = attn(x)
+        small = x.view(2, 8, 8, 32)[:, ::2, ::2].reshape(2, 16, 32)
+        q, k, v = (heads_of(f(z), 4).double() for f, z in ((attn.to_q, x), (attn.to_k, small), (attn.to_v, small)))
+        exact = softmax_attention(q, k, v, 8**-0.5).transpose(1, 2).reshape(2, 64, 32)
+    assert out.dtype == torch.bfloat16
+    assert_rounded_from_exact(out, exact)
+
+
 def test_min_tokens_places_agent_attention(pipeline_of, monkeypatch):
     """Layers of >= min_tokens tokens act, and always the finest level; smaller ones run stock."""
     from diffusers_ext.processors.agent import AgentAttnProcessor
