@@ -180,6 +180,64 @@ def test_adaptive_switch_is_per_sample():
     assert counts.groups(3) == [(4, None)] and counts.levels.tolist() == [0, 0, 0]
 
 
+@pytest.mark.parametrize("norm, expected", [("l1", [1, 0]), ("l2", [0, 0])])
+def test_adaptive_switch_measures_change_in_its_norm_and_needs_strictly_less(norm, expected):
+    """Window 1, ratio 0.5. First change (1, 1, 1, 1) for both samples: baseline l1 4, l2 2. Second change
+    (1.5, 0, 0, 0) and (2, 0, 0, 0): l1 1.5 < 2 switches sample 0, and sample 1's 2 is not below 2;
+    l2 compares 1.5 and 2 with 1: neither switches."""
+    state = FakeState()
+    counts = MediatorCounts(state, (4, 16), None, (0.5,), 1, norm)
+    x = torch.zeros(2, 1, 2, 2)
+    changes = [torch.ones(2, 1, 2, 2), torch.tensor([[1.5, 0, 0, 0], [2.0, 0, 0, 0]]).reshape(2, 1, 2, 2)]
+    for i in range(3):
+        state.step_index, state.timestep, state.progress = i, float(i), i / 10
+        counts.observe(x)
+        counts.groups(2)
+        if i < 2:
+            x = x + changes[i]
+    assert counts.levels.tolist() == expected
+
+
+def test_the_latent_hook_reads_keyword_inputs_and_detaches_twice():
+    class Denoiser(torch.nn.Module):
+        def forward(self, hidden_states=None, sample=None):
+            return hidden_states if hidden_states is not None else sample
+
+    counts = MediatorCounts(FakeState(), (4, 16), None, (0.5,), 1, "l2")
+    model = Denoiser()
+    counts.attach(model)
+    for key in ("hidden_states", "sample"):
+        x = torch.randn(2, 3)
+        model(**{key: x})
+        assert torch.equal(counts._pending, x), key
+    counts.detach()
+    counts.detach()
+    model(hidden_states=torch.zeros(2, 3))
+    assert not torch.equal(counts._pending, torch.zeros(2, 3))
+
+
+def test_zero_biases_train_and_a_changed_bias_is_seen():
+    """The zero-bias shortcut is for inference: with gradients on, zero-initialised bias tables get
+    gradients; and a bias set after a call that found them zero is applied on the next call."""
+    pipe = tiny_pipeline("dit")
+    record, attn, proc = _processor(pipe, 16)
+    grid = (8, 8)
+    record.state.latent_hw = (16, 16)
+    x = torch.randn(2, 64, attn.inner_dim)
+    proc.attend(attn, x).square().mean().backward()
+    for name in ("to_tokens_table", "to_tokens_rows", "to_mediators_table", "to_mediators_cols"):
+        assert getattr(proc, name).grad is not None and getattr(proc, name).grad.abs().sum() > 0, name
+    _run_attention(record, attn, proc, x, grid)                 # no grad: the zero biases are skipped
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in proc.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    got = _run_attention(record, attn, proc, x, grid)
+    with torch.no_grad():
+        expected = dense_mediator_attention(attn, proc, x, grid, 16)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_adaptive_switch_with_cfg_and_batch_and_unpatch_restores():
     pipe = tiny_pipeline("dit")
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
