@@ -22,7 +22,8 @@ evaluated at its checkpoints (the lr is constant after warm-up, so a run resumed
 the run that went there directly).
 
 Everything finished is cached under `--cache` (benchmarks/study.py): a stopped study resumes where it
-stopped, and a finished one re-times all rows in a few minutes. Writes benchmarks/results/glyph_lab_<part>.md
+stopped, and a finished one re-times all rows in a few minutes; `--cached-only` writes the tables of the
+rows finished so far and trains and samples nothing. Writes benchmarks/results/glyph_lab_<part>.md
 / .json and, for the SiT and the curves, plots (`*_speed_fid.png`, `*_curves.png`).
 """
 
@@ -115,6 +116,8 @@ class Study:
     def evaluate(self, settings: dict, pipe, extra: dict | None = None, keep_pipe: bool = True) -> dict:
         key = settings["name"] + (f" ({settings['mode']})" if settings["mode"] else "")
         cached = self.cache.load(settings)
+        if cached is None and self.args.cached_only:
+            return None
         if cached is not None:
             row, images = cached
             row.pop("settings", None)
@@ -191,6 +194,8 @@ def run_sit(study: Study, scratch: Path) -> None:
         if study.cache.load(settings) is not None:
             study.evaluate(settings, apply(pipe, method, options, str(study.cache.distill_dir(settings, scratch))))
             continue
+        if args.cached_only:
+            continue
         result, minutes = study.distill(settings, pipe, method, options, steps, scratch)
         study.evaluate(settings, pipe, dict(finetune_minutes=minutes, distill_steps=steps,
                                             deviation_before=result.deviation_before,
@@ -230,6 +235,8 @@ def run_curves(study: Study, scratch: Path) -> None:
             # every point trains the same run further: the run's folder is the method's, not the point's
             folder_settings = dict(base, name=name)
             if study.cache.load(settings) is None:
+                if args.cached_only:
+                    continue
                 study.distill(folder_settings, pipe, method, options, steps, scratch)
             study.evaluate(settings, pipe, dict(curve=name, minutes=m, distill_steps=steps), keep_pipe=False)
 
@@ -324,6 +331,8 @@ def main(argv=None) -> int:
                         help="draws of --num real glyphs for the FID noise floor")
     parser.add_argument("--cache", default="lab_runs/glyph_lab_cache", help="finished rows and fine-tunes (resume)")
     parser.add_argument("--no-cache", action="store_true", help="recompute everything, keep nothing")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="write the tables of the rows already finished (a stopped study), train and sample nothing")
     harness.add_warmup_argument(parser)
     harness.add_output_argument(parser, harness.RESULTS / "glyph_lab")
     harness.add_quick_argument(parser, "36 samples in 2 steps, 0.05-minute fine-tunes, timing at batch 2, 1 round")
@@ -331,6 +340,8 @@ def main(argv=None) -> int:
                                batch=2, repeats=1, floor_draws=2)
     if args.num % NUM_CLASSES:
         parser.error(f"--num must be a multiple of {NUM_CLASSES}")
+    if args.cached_only and args.no_cache:
+        parser.error("--cached-only reads the cache that --no-cache turns off: give one of them")
     torch.set_num_threads(os.cpu_count() or 1)
     glyphs = load_glyphs()
     train_images, _ = glyphs.split(held_out=False)

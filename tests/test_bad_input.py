@@ -465,6 +465,8 @@ def test_sizes_and_counts_must_be_positive(argv, capsys):
     (["--lr", "0"], "argument --lr: must be above 0, got '0'"),
     (["--inherited-lr", "nan"], "argument --inherited-lr: must be a finite number, got 'nan'"),
     (["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    (["--floor-draws", "0"], "argument --floor-draws: must be at least 1, got 0"),
+    (["--cached-only", "--no-cache"], "--cached-only reads the cache that --no-cache turns off"),
 ])
 def test_the_glyph_study_refuses_bad_numbers_before_loading(argv, message, capsys, monkeypatch):
     """Old: `glyph_lab.py --distill-minutes -1` ran the study with a negative fine-tune budget."""
