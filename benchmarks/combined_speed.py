@@ -191,6 +191,7 @@ class SD35:
         cache context, then the patch."""
         from diffusers.hooks import HookRegistry, apply_taylorseer_cache
         from diffusers.hooks.hooks import CacheContext, _set_cache_context
+        from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
         model = pipe.transformer
         cached = "taylorseer" in name
@@ -204,11 +205,7 @@ class SD35:
         finally:
             if cached:
                 _set_cache_context(model, None)
-                for module in model.modules():
-                    registry = getattr(module, "_diffusers_hook", None)
-                    if isinstance(registry, HookRegistry):
-                        for hook in [h for h in registry.hooks if h.startswith("taylorseer")]:
-                            registry.remove_hook(hook, recurse=False)
+                HookRegistry.check_if_exists_or_initialize(model).remove_hook(_TAYLORSEER_CACHE_HOOK, recurse=True)
 
     @classmethod
     def step_kinds(cls, name: str, steps: int) -> list[tuple[str]]:

@@ -352,11 +352,10 @@ def main(argv=None) -> int:
         reference = None
     if reference is None and args.quick:
         print(f"no reference statistics in {args.models}: --quick scores against the first {NUM_CLASSES} glyphs")
+    cache = RowCache(None if args.no_cache else args.cache)
     scorer = Scorer((glyphs.images[:NUM_CLASSES] if args.quick else glyphs.images) if reference is None else None,
-                    reference_statistics=reference,
-                    cache=RowCache(None if args.no_cache else args.cache))
-    floor = scorer.noise_floor(glyphs.images, glyphs.labels, args.num, args.floor_draws,
-                               RowCache(None if args.no_cache else args.cache))
+                    reference_statistics=reference, cache=cache)
+    floor = scorer.noise_floor(glyphs.images, glyphs.labels, args.num, args.floor_draws, cache)
     with tempfile.TemporaryDirectory() as scratch:
         for part in args.part:
             study = Study(args, part, scorer, classifier, train_images)

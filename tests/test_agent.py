@@ -227,18 +227,23 @@ def test_no_merge_outside_agent_steps_is_stock_exactly():
         assert torch.equal(attn(x), stock)
 
 
+def _bf16_upcast_site():
+    """A bare attention (4 heads of 8) with SD 2.x's upcast_attention, to_out the identity, in bf16."""
+    attn, site = _site()
+    attn.upcast_attention = True
+    with torch.no_grad():
+        attn.to_out[0].weight.copy_(torch.eye(32))
+        attn.to_out[0].bias.zero_()
+    return attn.to(torch.bfloat16), site
+
+
 def test_upcast_attention_computes_in_fp32():
     """SD 2.x's upcast_attention on a bf16 module: projections in bf16 (the module's), attention in fp32,
     the output rounded to bf16 once. The reference takes the same bf16 projections, computes the
     attention in float64 and checks the output is within half a bf16 ulp of it (to_out is the identity;
     inputs are multiples of 1/8, so the pooled agents are exact in bf16)."""
     torch.manual_seed(4)
-    attn, site = _site()
-    attn.upcast_attention = True
-    with torch.no_grad():
-        attn.to_out[0].weight.copy_(torch.eye(32))
-        attn.to_out[0].bias.zero_()
-    attn.to(torch.bfloat16)
+    attn, site = _bf16_upcast_site()
     _processor(attn, site, (8, 8), agent_source="pool", merge_ratio=0.0, agent_stride=4)
     x = (torch.randint(-8, 9, (2, 64, 32)) / 8).to(torch.bfloat16)
     with torch.no_grad():
@@ -351,6 +356,16 @@ def _run_tiny_unet(dtype, timestep, options, block_path=("down_blocks", 0, "atte
         finally:
             handle.remove()
     return record.options, block, seen
+
+
+def _todo(attn, site, latent_hw, **options):
+    """A ToDo processor (factor 2 unless given) on a bare Attention whose latent grid is `latent_hw`."""
+    method = get_method("todo")
+    state = StepState(schedules={"steps": Schedule()})
+    state.latent_hw = latent_hw
+    state.update(999.0, 0, 10, 0.0)
+    record = PatchRecord("todo", "sd", method.resolve_options("sd", {"factor": 2, **options}), state)
+    attn.set_processor(method.make_processor(site, attn.processor, record))
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -522,12 +537,7 @@ def test_todo_matches_dense_downsampled_attention(mode, dtype, tol):
     torch.manual_seed(6)
     attn, site = _site()
     attn.to(dtype)
-    method = get_method("todo")
-    options = method.resolve_options("sd", {"factor": 2, "mode": mode})
-    state = StepState(schedules={"steps": Schedule()})
-    state.latent_hw = (8, 6)
-    state.update(999.0, 0, 10, 0.0)
-    attn.set_processor(method.make_processor(site, attn.processor, PatchRecord("todo", "sd", options, state)))
+    _todo(attn, site, (8, 6), mode=mode)
     x = torch.randn(2, 48, 32, dtype=dtype)
     with torch.no_grad():
         out = attn(x)
@@ -540,15 +550,6 @@ def test_todo_matches_dense_downsampled_attention(mode, dtype, tol):
         expected = torch.stack([_row_attention(attn, x[b].double(), small[b]) for b in range(2)])
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
-
-
-def _todo(attn, site, latent_hw, **options):
-    method = get_method("todo")
-    state = StepState(schedules={"steps": Schedule()})
-    state.latent_hw = latent_hw
-    state.update(999.0, 0, 10, 0.0)
-    record = PatchRecord("todo", "sd", method.resolve_options("sd", {"factor": 2, **options}), state)
-    attn.set_processor(method.make_processor(site, attn.processor, record))
 
 
 def test_todo_honours_the_layer_scale_and_upcast_attention():
@@ -566,12 +567,7 @@ def test_todo_honours_the_layer_scale_and_upcast_attention():
         expected = attn.to_out[0](softmax_attention(q, k, v, 0.2).transpose(1, 2).reshape(2, 64, 32))
         torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-4)
 
-    attn, site = _site()
-    attn.upcast_attention = True
-    with torch.no_grad():
-        attn.to_out[0].weight.copy_(torch.eye(32))
-        attn.to_out[0].bias.zero_()
-    attn.to(torch.bfloat16)
+    attn, site = _bf16_upcast_site()
     _todo(attn, site, (8, 8))
     x = (torch.randint(-8, 9, (2, 64, 32)) / 8).to(torch.bfloat16)
     with torch.no_grad():
