@@ -95,9 +95,9 @@ def denoiser_call(pipe, batch: int):
 class Study:
     """The rows of one part: cached evaluation of configurations of one model (module doc)."""
 
-    def __init__(self, args, part: str, scorer: Scorer, classifier, train_images: torch.Tensor):
+    def __init__(self, args, part: str, scorer: Scorer, classifier, train: tuple[torch.Tensor, torch.Tensor]):
         self.args, self.part, self.scorer, self.classifier = args, part, scorer, classifier
-        self.train_images = train_images
+        self.train_images, self.train_labels = train      # the SiT's training glyphs and their classes
         loader = lab.glyph_sit_pipeline if part != "unet" else lab.glyph_unet_pipeline
         self.load = lambda: loader(args.models)
         self.sampling = dict(lab.SIT_SAMPLING if part != "unet" else lab.UNET_SAMPLING)
@@ -138,30 +138,41 @@ class Study:
         print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
         return row
 
+    def recipe(self) -> dict:
+        """The fine-tune's settings: part of the cache key of every fine-tuned row."""
+        args = self.args
+        return dict(distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr, labels="own")
+
+    def distiller(self, pipe, method: str, options: dict, **config) -> Distiller:
+        """A distillation of `method` on the training glyphs, each drawn with its own class, at the recipe."""
+        config = DistillConfig(batch_size=self.args.distill_batch, lr=self.args.lr,
+                               inherited_lr=self.args.inherited_lr, warmup_steps=10, **config)
+        return Distiller(pipe, method, config, options=options, data=self.train_images, labels=self.train_labels)
+
     def distill(self, settings: dict, pipe, method: str, options: dict, steps: int, scratch: Path):
         """Fine-tune `pipe` (patched in place) to `steps`, resuming from the row's checkpoints."""
         folder = self.cache.distill_dir(settings, scratch / settings["name"])
         resume = "latest" if any(folder.glob("checkpoint-*")) else None
-        config = DistillConfig(output_dir=str(folder), batch_size=self.args.distill_batch, max_steps=steps,
-                               lr=self.args.lr, inherited_lr=self.args.inherited_lr, warmup_steps=10,
-                               checkpoint_every=max(1, steps // 10) if self.cache.root else 0, keep_checkpoints=1,
-                               resume=resume, progress=True)
+        distiller = self.distiller(pipe, method, options, output_dir=str(folder), max_steps=steps, resume=resume,
+                                   checkpoint_every=max(1, steps // 10) if self.cache.root else 0,
+                                   keep_checkpoints=1, progress=True)
         start = time.perf_counter()
-        result = Distiller(pipe, method, config, options=options, data=self.train_images).train()
+        result = distiller.train()
         return result, (time.perf_counter() - start) / 60
 
     def steps_per_minute(self, method: str, options: dict) -> float:
-        """Fine-tune steps per minute of this CPU for `method`, measured once (8 steps after 2) and cached."""
+        """Fine-tune steps per minute of this CPU for `method` at the recipe, measured once (8 steps after 2)
+        and cached."""
         path = self.cache.root / f"rate-{self.part}-{method}-{self.args.distill_batch}.json" if self.cache.root else None
         if path is not None and path.is_file():
             return json.loads(path.read_text())["steps_per_minute"]
         with tempfile.TemporaryDirectory() as folder:
             times = []
             for steps in (2, 10):
-                config = DistillConfig(output_dir=f"{folder}/{steps}", batch_size=self.args.distill_batch,
-                                       max_steps=steps, lr=self.args.lr, progress=False)
+                distiller = self.distiller(self.load(), method, options, output_dir=f"{folder}/{steps}",
+                                           max_steps=steps, progress=False)
                 start = time.perf_counter()
-                Distiller(self.load(), method, config, options=options, data=self.train_images).train(evaluate=False)
+                distiller.train(evaluate=False)
                 times.append(time.perf_counter() - start)
         rate = 8 / max(1e-6, (times[1] - times[0]) / 60)
         if path is not None:
@@ -188,8 +199,7 @@ def run_sit(study: Study, scratch: Path) -> None:
         if args.distill_minutes == 0:       # training-free rows only
             continue
         steps = max(1, round(args.distill_minutes * study.steps_per_minute(method, options)))
-        settings = study.settings(name, method, options, "distilled", distill_steps=steps,
-                                  distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr)
+        settings = study.settings(name, method, options, "distilled", distill_steps=steps, **study.recipe())
         pipe = study.load()
         if study.cache.load(settings) is not None:
             study.evaluate(settings, apply(pipe, method, options, str(study.cache.distill_dir(settings, scratch))))
@@ -222,8 +232,7 @@ def run_curves(study: Study, scratch: Path) -> None:
         if args.rows and name not in args.rows:
             continue
         rate = study.steps_per_minute(method, options)
-        base = study.settings(name, method, options, "curve", distill_batch=args.distill_batch, lr=args.lr,
-                              inherited_lr=args.inherited_lr, rate=round(rate, 3))
+        base = study.settings(name, method, options, "curve", rate=round(rate, 3), **study.recipe())
         pipe = study.load()
         for m in minutes:
             steps = round(m * rate)
@@ -344,7 +353,7 @@ def main(argv=None) -> int:
         parser.error("--cached-only reads the cache that --no-cache turns off: give one of them")
     torch.set_num_threads(os.cpu_count() or 1)
     glyphs = load_glyphs()
-    train_images, _ = glyphs.split(held_out=False)
+    train = glyphs.split(held_out=False)
     classifier = lab.load_classifier(args.models)
     try:
         reference = lab.reference_statistics(args.models)
@@ -358,7 +367,7 @@ def main(argv=None) -> int:
     floor = scorer.noise_floor(glyphs.images, glyphs.labels, args.num, args.floor_draws, cache)
     with tempfile.TemporaryDirectory() as scratch:
         for part in args.part:
-            study = Study(args, part, scorer, classifier, train_images)
+            study = Study(args, part, scorer, classifier, train)
             {"sit": run_sit, "unet": run_unet, "curves": run_curves}[part](study, Path(scratch))
             if part != "curves":
                 study.time_all()

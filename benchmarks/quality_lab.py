@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         parser.error("--num must be a multiple of 10")
     torch.set_num_threads(os.cpu_count() or 1)
 
-    data, _ = digits.load_digits_images()
+    data, data_labels = digits.load_digits_images()
     classifier = digits.load_classifier()
     labels = torch.arange(10).repeat(args.num // 10)
     reference = data[:QUICK_REFERENCE] if args.quick else data
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
 
     def settings_of(name: str, method: str | None, options: dict, mode: str) -> dict:
         tune = dict(distill_steps=args.distill_steps, distill_batch=args.distill_batch, lr=args.lr,
-                    inherited_lr=args.inherited_lr) if mode == "distilled" else {}
+                    inherited_lr=args.inherited_lr, labels="own") if mode == "distilled" else {}
         return dict(name=name, method=method, options=options, mode=mode, **common, **tune)
 
     def evaluate(settings: dict, pipe, extra: dict):
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
                                    checkpoint_every=25 if cache.root is not None else 0, keep_checkpoints=1,
                                    resume=resume)
             start = time.perf_counter()
-            result = Distiller(pipe, method, config, options=options, data=data).train()
+            result = Distiller(pipe, method, config, options=options, data=data, labels=data_labels).train()
             minutes = (time.perf_counter() - start) / 60
             # a resumed fine-tune: minutes of this call only, deviation_before at the checkpoint it resumed
             evaluate(settings, pipe, dict(finetune_minutes=minutes, deviation_before=result.deviation_before,

@@ -13,12 +13,8 @@ Attention masks and plain cross-attention fall back to the stock processor with 
 
 from __future__ import annotations
 
-from torch import nn
-
 from .processor import PatchProcessor, run_self_attention
 from .registry import Method, Option, boolean
-
-PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
 def _blocks(value):
@@ -76,6 +72,7 @@ class JointAttentionMethod(Method):
 
     families = ("sd3", "dit")
     training_free = False
+    inherits_projections = True
 
     def select_sites(self, sites, options, family):
         roles = {"joint", "self"} if options["dual_attention"] else {"joint"}
@@ -92,15 +89,3 @@ class JointAttentionMethod(Method):
                                  f"has {have}")
             chosen = [s for s in chosen if s.depth in blocks]
         return chosen
-
-    def trainable_parameters(self, patch):
-        modules = dict(patch.denoiser.named_modules())
-        new, inherited = [], []
-        for name in patch.sites:
-            attn = modules[name]
-            new.extend(attn.processor.parameters())
-            for layer in PROJECTIONS:
-                if isinstance(getattr(attn, layer, None), nn.Linear):
-                    inherited.extend(getattr(attn, layer).parameters())
-            inherited.extend(attn.to_out[0].parameters())
-        return {"new": new, "inherited": inherited}

@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from torch import nn
+
 from .errors import OptionError
 
 
@@ -278,6 +280,7 @@ class Method:
     name: str = ""
     families: tuple[str, ...] = ()
     training_free: bool = True
+    inherits_projections: bool = False     # a fine-tune may adapt the patched sites' projections
     description: str = ""
     options: tuple[Option, ...] = ()
     # values for options a weights folder does not record because it was saved before they existed
@@ -341,13 +344,17 @@ class Method:
         """What a fine-tune (`diffusers_ext.distill`) may train on a denoiser patched by this method:
         {"new": parameters the method added, "inherited": pretrained parameters it may adapt}.
 
-        Default: every parameter of the installed processors is new, nothing inherited. A method
-        overrides this to offer e.g. the attention projections of the sites it converted."""
-        new = []
-        for processor in patch.processors().values():
+        Default: every parameter of the installed processors is new; inherited, when the method
+        `inherits_projections`, the attention projections of every patched site (q, k, v, output
+        and, on joint attention, the text stream's): the papers fine-tune them with the new parts."""
+        modules = dict(patch.denoiser.named_modules())
+        new, inherited = [], []
+        for name, processor in patch.processors().items():
             if hasattr(processor, "parameters"):
                 new.extend(processor.parameters())
-        return {"new": new, "inherited": []}
+            if self.inherits_projections:
+                inherited.extend(attention_projections(modules[name]))
+        return {"new": new, "inherited": inherited}
 
     def step_dependent(self, options: dict[str, Any]) -> bool:
         """Whether the patched model computes a different function at different steps of a run (a
@@ -411,3 +418,13 @@ def options_markdown(method: str) -> str:
         doc = option.doc.replace("|", "\\|")
         rows.append(f"| `{option.name}` | {_default_text(option)} | {option.check.describe()} | {doc} |")
     return "\n".join(rows)
+
+
+PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def attention_projections(attn: nn.Module) -> list[nn.Parameter]:
+    """The pretrained projections of a diffusers `Attention`: q / k / v, the output's linear layer
+    and, on joint attention, the text stream's q / k / v and output."""
+    layers = [getattr(attn, name, None) for name in PROJECTIONS] + [attn.to_out[0]]
+    return [p for layer in layers if isinstance(layer, nn.Linear) for p in layer.parameters()]

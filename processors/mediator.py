@@ -247,6 +247,7 @@ class MediatorMethod(Method):
     name = "mediator"
     families = ("dit",)
     training_free = False
+    inherits_projections = True     # the papers train the whole network with the new parts
     description = ("Attention mediators with a step-wise dynamic count (DiT / SiT); training-free as "
                    "pooled-query agent attention, fine-tune the biases and DWC for quality")
     options = (

@@ -133,6 +133,7 @@ class VCAMethod(Method):
     name = "vca"
     families = ("dit",)
     training_free = False
+    inherits_projections = True     # the papers train the whole network with the new parts
     description = "Visual-contrast attention (linear differential attention) on DiT / SiT; needs a short fine-tune"
     options = (
         STEPS,

@@ -148,6 +148,27 @@ def test_trained_weights_round_trip(method, tiny, pipeline_of, tmp_path):
     assert torch.equal(run_denoiser(fresh_model, kwargs), tuned), "the reloaded patch differs from the saved one"
 
 
+@pytest.mark.parametrize("method, tiny", _cells())
+def test_inherited_group_is_every_linear_layer_of_the_patched_sites(method, tiny, pipeline_of):
+    """A method that `inherits_projections` offers a fine-tune exactly the linear layers of each patched
+    attention module (not its processor's); the others offer nothing inherited. Never a new parameter."""
+    spec = registry.get_method(method)
+    pipe = pipeline_of(tiny)
+    record = dx.patch(pipe, method, **OVERRIDES.get(method, {}))
+    try:
+        groups = spec.trainable_parameters(record)
+        modules = dict(record.denoiser.named_modules())
+        linear = {id(p) for site in record.sites for name, module in modules[site].named_modules()
+                  if isinstance(module, torch.nn.Linear) and not name.startswith("processor")
+                  for p in module.parameters()}
+        inherited = [id(p) for p in groups["inherited"]]
+        assert len(inherited) == len(set(inherited)), "a parameter is offered twice"
+        assert set(inherited) == (linear if spec.inherits_projections else set())
+        assert not set(inherited) & {id(p) for p in groups["new"]}
+    finally:
+        dx.unpatch(pipe)
+
+
 @pytest.mark.parametrize("method, tiny", _cells(compile_cells=True))
 def test_compiled_denoiser_does_not_recompile_across_steps(method, tiny, pipeline_of):
     """The compiled patched denoiser at every step of a run located through `pipe.scheduler`: once a

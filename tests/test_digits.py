@@ -100,13 +100,13 @@ def test_pixel_space_sit_guides_with_its_own_null_class():
 def test_distillation_on_the_training_digits(data):
     from diffusers_ext.distill import DistillConfig, Distiller
 
-    images, _ = data
+    images, labels = data
     pipe = digits.digits_pipeline()
     config = DistillConfig(output_dir="unused", batch_size=4, max_steps=1, progress=False)
     with pytest.raises(ValueError, match=r"data must be \(N, 1, 16, 16\)"):
-        Distiller(pipe, "mediator", config, data=images[:, :, :8])
+        Distiller(pipe, "mediator", config, data=images[:, :, :8], labels=labels)
     dx.unpatch(pipe)
-    trainer = Distiller(pipe, "mediator", config, data=images)
+    trainer = Distiller(pipe, "mediator", config, data=images, labels=labels)
     assert trainer.latent_shape == (1, 16, 16)                               # pixel space: no VAE factor
     batch = trainer.sample_batch(0)
     assert batch["hidden_states"].shape == (4, 1, 16, 16)

@@ -154,6 +154,49 @@ def test_conditions_and_errors(tmp_path):
         _config(tmp_path, latents="nowhere")
     with pytest.raises(ValueError, match="class labels"):
         ClassConditions(10, labels=[12])
+    with pytest.raises(ValueError, match="adapts no inherited weights: inherited_lr must be 0"):
+        Distiller(tiny_pipeline("sd"), "agent", _config(tmp_path, prompts=PROMPTS, inherited_lr=1e-4))
+
+
+def test_labelled_data_is_drawn_with_its_own_class(tmp_path):
+    """Each clean sample keeps its class (or turns null at uncond_prob); class_labels restricts the
+    data; data without labels, or labels that do not fit, are refused."""
+    pipe = tiny_pipeline("dit")
+    classes = torch.arange(40) % 4 + 5
+    images = classes.float().view(40, 1, 1, 1).expand(40, 4, 16, 16).contiguous()   # a sample's value = its class
+    distiller = Distiller(pipe, "t5", _config(tmp_path, batch_size=32, uncond_prob=0.25), data=images, labels=classes)
+    drawn, conditional = [], []
+    for step in range(4):
+        generator = distiller.data.generator(step)
+        index = torch.randint(0, 40, (32,), generator=generator)
+        batch = distiller.sample_batch(step)
+        labels = batch["class_labels"]
+        assert set(labels.tolist()) <= {5, 6, 7, 8, 1000}
+        kept = labels != 1000
+        torch.testing.assert_close(labels[kept], classes[index][kept])      # the sample's own class
+        drawn.append(labels)
+        conditional.append(kept)
+    share_null = 1 - float(torch.cat(conditional).float().mean())
+    assert 0.12 < share_null < 0.4, share_null                            # uncond_prob 0.25 of 128 draws
+    dx.unpatch(pipe)
+    only = Distiller(pipe, "t5", _config(tmp_path, batch_size=32, class_labels=[6], uncond_prob=0.0),
+                     data=images, labels=classes)
+    assert only.sample_batch(0)["class_labels"].unique().tolist() == [6]
+    assert len(only.data.clean) == 10 and bool((only.data.clean == 6).all())
+    dx.unpatch(pipe)
+    for kwargs, message in [({}, "needs its class labels"),
+                            (dict(labels=classes[:39]), "one per sample"),
+                            (dict(labels=classes.float()), "integer class labels"),
+                            (dict(labels=classes + 996), r"lie in 0\.\.999")]:
+        with pytest.raises(ValueError, match=message):
+            Distiller(pipe, "t5", _config(tmp_path), data=images, **kwargs)
+        dx.unpatch(pipe)
+    with pytest.raises(ValueError, match="give them with data"):
+        Distiller(pipe, "t5", _config(tmp_path), labels=classes)
+    dx.unpatch(pipe)
+    with pytest.raises(ValueError, match="conditioned on text"):
+        Distiller(tiny_pipeline("sd3"), "t5", _config(tmp_path, prompts=PROMPTS), latent_size=8,
+                  data=torch.zeros(2, 4, 8, 8), labels=torch.tensor([0, 1]))
 
 
 def test_trajectory_latents_and_prompt_file(tmp_path):

@@ -84,6 +84,7 @@ class ClassConditions:
         self.labels = torch.as_tensor(list(labels) if labels is not None else range(num_classes), dtype=torch.long)
         if self.labels.numel() == 0 or int(self.labels.min()) < 0 or int(self.labels.max()) >= num_classes:
             raise ValueError(f"class labels must lie in 0..{num_classes - 1}")
+        self.num_classes = num_classes
         self.null_label = null_label
         self.uncond_prob = uncond_prob if null_label is not None else 0.0
 
@@ -99,8 +100,14 @@ class ClassConditions:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
         labels = self.labels[torch.randint(0, len(self.labels), (batch_size,), generator=generator)]
+        return self.of_labels(labels, generator)
+
+    def of_labels(self, labels: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
+        """The conditions of samples of known classes `labels` (B,): each one replaced by the null
+        class with `uncond_prob`."""
+        labels = labels.clone()
         if self.uncond_prob:
-            labels[torch.rand(batch_size, generator=generator) < self.uncond_prob] = self.null_label
+            labels[torch.rand(len(labels), generator=generator) < self.uncond_prob] = self.null_label
         return {"class_labels": labels}
 
 
@@ -178,13 +185,17 @@ class DistillData:
     `family` says the denoiser's input name and the fallback noising; `teacher` (inputs -> output)
     runs the sampling steps of "trajectory" states. `conditions`, `noising` and `data` (clean
     samples (N, C, H, W) in the denoiser's input space) override what `config` would choose.
+    A class-conditional model's `data` comes with its `labels` (N,): each sample is drawn with its
+    own class (or the null class, `uncond_prob`), the pairs the model meets when it samples. Drawn
+    with random classes instead, a glyph "A" noised under the label "7" is an input the sampler never
+    makes, and on most of them the teacher's answer follows the image, not the label.
     """
 
     def __init__(self, denoiser: torch.nn.Module, pipe, family: Family, config: DistillConfig, *,
                  device: torch.device, rank: int, shared_timestep: bool,
                  teacher: Callable[[dict[str, Any]], torch.Tensor], conditions: Conditions | None = None,
                  noising: str | None = None, latent_size: int | tuple[int, int] | None = None,
-                 data: torch.Tensor | None = None):
+                 data: torch.Tensor | None = None, labels: torch.Tensor | None = None):
         self.denoiser, self.pipe, self.family, self.config = denoiser, pipe, family, config
         self.device, self.rank, self.shared_timestep, self.teacher = device, rank, shared_timestep, teacher
         self.latent_shape = self._latent_shape(latent_size)
@@ -194,11 +205,20 @@ class DistillData:
         if scheduler is None and noising is None:
             noising = family.noising
         self.noising = Noising(scheduler, noising)
+        self.labels = None
         if data is not None:
             if data.ndim != 4 or tuple(data.shape[1:]) != self.latent_shape:
                 raise ValueError(f"data must be (N, {', '.join(map(str, self.latent_shape))}) samples of the "
                                  f"denoiser's input, got {tuple(data.shape)}")
             self.clean = data.detach().float().cpu()
+            self.labels = self._check_labels(labels, len(data))
+            if self.labels is not None:
+                keep = torch.isin(self.labels, self.conditions.labels)   # `config.class_labels` only
+                if not keep.any():
+                    raise ValueError(f"no sample of data is of the classes to draw {self.conditions.labels.tolist()}")
+                self.clean, self.labels = self.clean[keep], self.labels[keep]
+        elif labels is not None:
+            raise ValueError("labels name the classes of data: give them with data")
         elif config.latents not in ("noise", "trajectory"):
             self.clean = self._encode_images(config.latents)
         else:
@@ -229,6 +249,26 @@ class DistillData:
         if height % patch_size or width % patch_size:
             raise ValueError(f"latent size {height}x{width} is not a multiple of the patch size {patch_size}")
         return channels, height, width
+
+    def _check_labels(self, labels: torch.Tensor | None, count: int) -> torch.Tensor | None:
+        if self.family.conditioning != "class":
+            if labels is not None:
+                raise ValueError(f"labels are class labels; the {self.family.name!r} family is conditioned on text")
+            return None
+        if labels is None:
+            raise ValueError("data for a class-conditional model needs its class labels (labels=, one per sample): "
+                             "samples drawn with random classes teach the student inputs the sampler never makes")
+        if not isinstance(self.conditions, ClassConditions):
+            raise ValueError("labels are drawn through ClassConditions; custom conditions cannot take them")
+        labels = torch.as_tensor(labels)
+        if labels.shape != (count,) or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must be {count} integer class labels (one per sample of data), "
+                             f"got {labels.dtype} of shape {tuple(labels.shape)}")
+        labels = labels.long().cpu()
+        classes = self.conditions.num_classes
+        if int(labels.min()) < 0 or int(labels.max()) >= classes:
+            raise ValueError(f"labels must lie in 0..{classes - 1}, got {int(labels.min())}..{int(labels.max())}")
+        return labels
 
     # --- clean samples ----------------------------------------------------------------------------------
 
@@ -288,6 +328,11 @@ class DistillData:
         """Denoiser keyword arguments of one (per-process) batch: sample, timestep and conditions."""
         generator = self.generator(step, seed)
         batch = self.config.batch_size
+        if self.labels is not None:      # labelled data: each sample with its own class
+            index = torch.randint(0, len(self.clean), (batch,), generator=generator)
+            cond = self.conditions.of_labels(self.labels[index], generator)
+            sample, timestep = self.noising.add_noise(self.clean[index], generator, shared=self.shared_timestep)
+            return self.inputs(sample, timestep, cond)
         cond = self.conditions.sample(batch, generator)
         if self.config.latents == "trajectory" and self.clean is None:
             sample, timestep = self._trajectory_state(cond, generator)

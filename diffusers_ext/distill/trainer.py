@@ -51,7 +51,8 @@ class Distiller:
     `conditions` (an object with `sample(batch_size, generator) -> kwargs`) replace the default
     prompts / class labels; `noising` ("flow" | "interpolant" | "ddpm") overrides the scheduler's.
     `data`: clean samples (N, C, H, W) in the denoiser's input space (latents, or pixels for a
-    pixel-space model) to noise instead of `config.latents`, e.g. the training set of the model.
+    pixel-space model) to noise instead of `config.latents`, e.g. the training set of the model;
+    for a class-conditional model with its `labels` (N,), each sample drawn with its own class.
 
     What trains, the method says (`Method.trainable_parameters`): "new" parameters it added train
     at `lr`, "inherited" pretrained ones it may adapt at `inherited_lr` (0 = frozen, the default).
@@ -60,7 +61,7 @@ class Distiller:
     def __init__(self, pipe_or_model, method: str | None = None, config: DistillConfig | None = None, *,
                  options: dict[str, Any] | None = None, conditions: Conditions | None = None,
                  noising: str | None = None, latent_size: int | tuple[int, int] | None = None,
-                 data: torch.Tensor | None = None):
+                 data: torch.Tensor | None = None, labels: torch.Tensor | None = None):
         self.config = config = config or DistillConfig()
         self.denoiser, self.pipe = find_denoiser(pipe_or_model)
         record = getattr(self.denoiser, RECORD_ATTRIBUTE, None)
@@ -80,6 +81,9 @@ class Distiller:
 
         # what trains
         groups = self.method.trainable_parameters(record)
+        if config.inherited_lr > 0 and not groups.get("inherited"):
+            raise ValueError(f"method {record.method!r} adapts no inherited weights: inherited_lr must be 0, "
+                             f"got {config.inherited_lr}")
         new_params = _unique(groups.get("new", []))
         inherited = _unique(groups.get("inherited", [])) if config.inherited_lr > 0 else []
         inherited_params = [p for p in inherited if all(p is not q for q in new_params)]
@@ -96,7 +100,8 @@ class Distiller:
         self.data = DistillData(self.denoiser, self.pipe, get_family(record.family), config,
                                 device=self.device, rank=self.accelerator.process_index,
                                 shared_timestep=self.shared_timestep, teacher=self.teacher,
-                                conditions=conditions, noising=noising, latent_size=latent_size, data=data)
+                                conditions=conditions, noising=noising, latent_size=latent_size, data=data,
+                                labels=labels)
 
         param_groups = [{"params": new_params, "lr": config.lr}]
         if inherited_params:
