@@ -224,10 +224,10 @@ def run_unet(study: Study, scratch: Path) -> None:
 
 
 def run_curves(study: Study, scratch: Path) -> None:
-    """One fine-tune per method, evaluated after each of CURVE_MINUTES (0 = training-free)."""
+    """One fine-tune per method, evaluated after each of `--curve-minutes` (0 = training-free)."""
     args = study.args
     study.evaluate(study.settings("stock", None, {}, ""), study.load())
-    minutes = CURVE_MINUTES if not args.quick else (0, 0.05)
+    minutes = sorted(set(args.curve_minutes))
     for name, (method, options) in CURVE_METHODS.items():
         if args.rows and name not in args.rows:
             continue
@@ -331,6 +331,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", nargs="*", default=None, help="configuration names to run (default: all)")
     parser.add_argument("--distill-minutes", type=non_negative_float, default=10.0,
                         help="fine-tune budget of a distilled row (0: training-free rows only)")
+    parser.add_argument("--curve-minutes", type=non_negative_float, nargs="+", default=list(CURVE_MINUTES),
+                        help="fine-tune minutes at which the curves are evaluated (0: training-free)")
     parser.add_argument("--distill-batch", type=positive_int, default=16)
     parser.add_argument("--lr", type=positive_float, default=1e-3)
     parser.add_argument("--inherited-lr", type=non_negative_float, default=1e-4)
@@ -346,7 +348,7 @@ def main(argv=None) -> int:
     harness.add_output_argument(parser, harness.RESULTS / "glyph_lab")
     harness.add_quick_argument(parser, "36 samples in 2 steps, 0.05-minute fine-tunes, timing at batch 2, 1 round")
     args = harness.apply_quick(parser, parser.parse_args(argv), num=36, distill_minutes=0.05, distill_batch=4,
-                               batch=2, repeats=1, floor_draws=2)
+                               batch=2, repeats=1, floor_draws=2, curve_minutes=[0, 0.05])
     if args.num % NUM_CLASSES:
         parser.error(f"--num must be a multiple of {NUM_CLASSES}")
     if args.cached_only and args.no_cache:

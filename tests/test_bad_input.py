@@ -479,6 +479,31 @@ def test_the_glyph_study_refuses_bad_numbers_before_loading(argv, message, capsy
     assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["nomethod"], "unknown method 'nomethod'"),
+    (["mediator", "--option", "foo=1"], "method 'mediator' has no option(s) foo"),
+    (["mediator", "--weights", "nowhere"], "nowhere is not a diffusers_ext weights folder"),
+    (["vca", "--weights", "MEDIATOR"], "holds a fine-tune of 'mediator', not of 'vca'"),
+    (["mediator", "--guidance", "0"], "argument --guidance: must be above 0"),
+])
+def test_the_class_direction_probe_refuses_bad_input_before_loading(argv, message, tmp_path, capsys, monkeypatch):
+    from diffusers_ext.testing import tiny_pipeline
+    from diffusers_ext.weights import save_weights
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    probe = importlib.import_module("class_direction")
+    if "MEDIATOR" in argv:                     # a real fine-tune folder of another method
+        pipe = tiny_pipeline("dit")
+        record = dx.patch(pipe, "mediator", mediators=4)
+        save_weights(tmp_path, pipe.transformer, record, {})
+        argv = [str(tmp_path) if a == "MEDIATOR" else a for a in argv]
+    monkeypatch.setattr(dx, "patch", lambda *a, **k: pytest.fail("patched a model before checking arguments"))
+    with pytest.raises(SystemExit) as exit:
+        probe.main(argv + ["--output", str(tmp_path / "table")])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.glob("table*"))
+
+
 @pytest.mark.parametrize("argv, message", [(["--minutes", "0"], "must be above 0"), (["--steps", "-5"], "must be at least 1")])
 def test_lab_training_refuses_empty_budgets(argv, message, tmp_path, capsys):
     from diffusers_ext.lab.__main__ import main as lab_main
