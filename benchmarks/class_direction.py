@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     states = stock_states(stock, NUM_CLASSES, args.steps, args.guidance, args.seed)
     direction_size = [float((v_c - v_u).norm() / v_c.norm()) for _, _, v_c, v_u in states]
     results = {}
-    for name, kwargs in [("training-free", dict(options))] + [(folder, dict(weights=folder)) for folder in args.weights]:
+    rows = [("training-free", dict(options))] + [(folder, dict(weights=folder)) for folder in args.weights]
+    for name, kwargs in rows:
         pipe = lab.glyph_sit_pipeline(args.models)
         dx.patch(pipe, args.method, **kwargs)
         results[name] = errors(pipe.transformer, states, NUM_CLASSES)
@@ -115,7 +116,8 @@ def main(argv=None) -> int:
                                f"The stock model's guided Euler run ({args.steps} steps, guidance {args.guidance}, "
                                "one sample of each class); relative errors of the patched model's conditional "
                                "velocity, null-class velocity and their difference on the stock states."])
-    harness.write_atomic(stem.with_suffix(".md"), "\n".join(lines + [""] + harness.markdown_table(columns, table)) + "\n")
+    text = "\n".join(lines + [""] + harness.markdown_table(columns, table)) + "\n"
+    harness.write_atomic(stem.with_suffix(".md"), text)
     return 0
 
 

@@ -141,13 +141,20 @@ class Study:
     def recipe(self) -> dict:
         """The fine-tune's settings: part of the cache key of every fine-tuned row."""
         args = self.args
-        return dict(distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr, labels="own")
+        inputs = dict(labels="own") if args.latents == "data" else dict(latents="trajectory",
+                                                                         trajectory_runs=args.trajectory_runs)
+        return dict(distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr, **inputs)
 
     def distiller(self, pipe, method: str, options: dict, **config) -> Distiller:
-        """A distillation of `method` on the training glyphs, each drawn with its own class, at the recipe."""
-        config = DistillConfig(batch_size=self.args.distill_batch, lr=self.args.lr,
-                               inherited_lr=self.args.inherited_lr, warmup_steps=10, **config)
-        return Distiller(pipe, method, config, options=options, data=self.train_images, labels=self.train_labels)
+        """A distillation of `method` at the recipe: on the training glyphs, each drawn with its own class,
+        or on the stock model's own guided sampling runs at the SiT's recipe (`--latents trajectory`)."""
+        args = self.args
+        config = DistillConfig(batch_size=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr,
+                               warmup_steps=10, **config,
+                               **(dict(latents="trajectory", trajectory_runs=args.trajectory_runs)
+                                  if args.latents == "trajectory" else {}))
+        data = dict(data=self.train_images, labels=self.train_labels) if args.latents == "data" else {}
+        return Distiller(pipe, method, config, options=options, **data)
 
     def distill(self, settings: dict, pipe, method: str, options: dict, steps: int, scratch: Path):
         """Fine-tune `pipe` (patched in place) to `steps`, resuming from the row's checkpoints."""
@@ -163,7 +170,8 @@ class Study:
     def steps_per_minute(self, method: str, options: dict) -> float:
         """Fine-tune steps per minute of this CPU for `method` at the recipe, measured once (8 steps after 2)
         and cached."""
-        path = self.cache.root / f"rate-{self.part}-{method}-{self.args.distill_batch}.json" if self.cache.root else None
+        name = f"rate-{self.part}-{method}-{self.args.distill_batch}.json"
+        path = self.cache.root / name if self.cache.root else None
         if path is not None and path.is_file():
             return json.loads(path.read_text())["steps_per_minute"]
         with tempfile.TemporaryDirectory() as folder:
@@ -237,7 +245,8 @@ def run_curves(study: Study, scratch: Path) -> None:
         for m in minutes:
             steps = round(m * rate)
             settings = dict(base, name=f"{name} @ {m} min", steps=steps)
-            if m == 0:
+            if m == 0:      # training-free: the same point for every recipe
+                settings = study.settings(f"{name} @ 0 min", method, options, "curve")
                 study.evaluate(settings, apply(study.load(), method, options), dict(curve=name, minutes=0),
                                keep_pipe=False)
                 continue
@@ -255,7 +264,7 @@ def write_tables(study: Study, argv, floor: list[float]) -> None:
     stem = harness.output_stem(args, harness.RESULTS / f"glyph_lab_{study.part}")
     meta = dict(command=harness.command(__file__, argv), part=study.part, num=args.num, sampling=study.sampling,
                 batch=args.batch, repeats=args.repeats, warmup=args.warmup, distill_minutes=args.distill_minutes,
-                distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr, noise_floor=floor,
+                fine_tune=study.recipe(), noise_floor=floor,
                 machine=harness.machine("cpu", torch.float32), threads=torch.get_num_threads())
     harness.write_json(stem.with_name(stem.name + ".json"), dict(meta=meta, rows=rows))
     lines = harness.header(
@@ -267,7 +276,8 @@ def write_tables(study: Study, argv, floor: list[float]) -> None:
             f"patched time of one denoiser call at batch {args.batch} x 2.",
             f"Noise floor: {args.num} real glyphs (the same class mix, fonts drawn at random) score FID "
             f"{harness.spread(statistics.median(floor), min(floor), max(floor))} against the statistics over "
-            f"{len(floor)} draws: a perfect model's FID at this sample count, and how far a row moves by chance."])
+            f"{len(floor)} draws: a perfect model's FID at this sample count, and how far a row moves by chance.",
+            f"Fine-tune (distilled and curve rows): {json.dumps(study.recipe())}."])
     table = []
     for r in rows:
         speed = f"{r['speed']:.2f}x" if "speed" in r else "-"
@@ -334,6 +344,10 @@ def main(argv=None) -> int:
     parser.add_argument("--curve-minutes", type=non_negative_float, nargs="+", default=list(CURVE_MINUTES),
                         help="fine-tune minutes at which the curves are evaluated (0: training-free)")
     parser.add_argument("--distill-batch", type=positive_int, default=16)
+    parser.add_argument("--latents", choices=("data", "trajectory"), default="data",
+                        help="fine-tune inputs: the training glyphs noised, or the stock model's own guided runs")
+    parser.add_argument("--trajectory-runs", type=positive_int, default=12,
+                        help="--latents trajectory: sampling runs of --distill-batch glyphs recorded")
     parser.add_argument("--lr", type=positive_float, default=1e-3)
     parser.add_argument("--inherited-lr", type=non_negative_float, default=1e-4)
     parser.add_argument("--batch", type=positive_int, default=16, help="timing: images per denoiser call (x 2 with guidance)")

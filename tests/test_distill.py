@@ -210,6 +210,48 @@ def test_trajectory_latents_and_prompt_file(tmp_path):
     assert float(inputs["timestep"][0]) in [float(t) for t in _timesteps(pipe, 4)]
 
 
+def test_trajectory_records_the_stock_pipelines_own_guided_calls(tmp_path):
+    """latents='trajectory' on a SiT: every denoiser call of the recorded runs (Heun: 2 a step, each a
+    conditional half and a null-class half), made by the stock model; a batch is samples of one call."""
+    pipe = tiny_pipeline("sit")
+    config = _config(tmp_path, latents="trajectory", trajectory_runs=2, trajectory_steps=3, trajectory_guidance=3.0,
+                     batch_size=4)
+    distiller = Distiller(pipe, "mediator", config, options={"mediators": 4})
+    calls = distiller.data.runs.calls
+    assert len(calls) == 2 * 3 * 2                                   # runs x steps x Heun's two calls
+    null = pipe.num_classes
+    for call in calls:
+        labels = call["class_labels"]
+        assert call["hidden_states"].shape[0] == 8 and bool((labels[4:] == null).all())
+        assert bool((labels[:4] < null).all()) and torch.equal(call["hidden_states"][:4], call["hidden_states"][4:])
+    # the corrector's input is the stock model's Euler prediction from the first call's state
+    first, corrector = calls[0], calls[1]
+    x, t0, t1 = first["hidden_states"][:4], float(first["timestep"][0]), float(corrector["timestep"][0])
+    with teacher_mode(distiller.denoiser, distiller.record), torch.no_grad():
+        stock_velocity = pipe.velocity(x, t0, first["class_labels"][:4], 3.0, 3)
+    torch.testing.assert_close(corrector["hidden_states"][:4], x + (t1 - t0) * stock_velocity)
+    with torch.no_grad():
+        patched_velocity = pipe.velocity(x, t0, first["class_labels"][:4], 3.0, 3)
+    assert not torch.allclose(patched_velocity, stock_velocity)       # so the recording was not the patched model's
+    batch = distiller.sample_batch(5)
+    assert batch["hidden_states"].shape == (4, 4, 16, 16) and batch["timestep"].unique().numel() == 1
+    source = [c for c in calls if torch.equal(c["timestep"][:1], batch["timestep"][:1])]
+    rows = torch.cat([c["hidden_states"] for c in source])
+    assert all(any(torch.equal(sample, row) for row in rows) for sample in batch["hidden_states"])
+    # a resumed run reuses the recording kept in its output folder: the pipeline does not run again
+    dx.unpatch(pipe)
+    denoiser_calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda *args: denoiser_calls.append(1))
+    again = Distiller(pipe, "mediator", config, options={"mediators": 4})
+    handle.remove()
+    assert not denoiser_calls and len(again.data.runs.calls) == len(calls)
+    assert all(torch.equal(a["hidden_states"], b["hidden_states"]) for a, b in zip(again.data.runs.calls, calls))
+    with pytest.raises(ValueError, match="trajectory_runs must be an integer >= 1"):
+        _config(tmp_path, trajectory_runs=0)
+    with pytest.raises(ValueError, match="trajectory_guidance must be None"):
+        _config(tmp_path, trajectory_guidance=0.5)
+
+
 def _timesteps(pipe, n):
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(n)

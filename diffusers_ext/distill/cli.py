@@ -27,7 +27,12 @@ def register(subparsers) -> None:
     p.add_argument("--class-labels", help="comma-separated class labels to draw (class-conditional models)")
     p.add_argument("--uncond-prob", type=finite_float, default=0.1)
     p.add_argument("--latents", default="noise", help="'noise', 'trajectory' or a folder of images")
-    p.add_argument("--trajectory-steps", type=int, default=20)
+    p.add_argument("--trajectory-runs", type=positive_int, default=8,
+                   help="'trajectory': pipeline runs of --batch-size samples recorded before training")
+    p.add_argument("--trajectory-steps", type=positive_int, default=None,
+                   help="their sampling steps (default: the pipeline's recipe, else 20)")
+    p.add_argument("--trajectory-guidance", type=finite_float, default=None,
+                   help="their guidance scale (default: the recipe's, else the pipeline's)")
     p.add_argument("--resolution", type=int, help="image size in pixels (default: the model's)")
     add_loop_arguments(p, batch_size=4, lr=1e-3)
     p.add_argument("--inherited-lr", type=finite_float, default=0.0, help="lr of inherited weights (0: frozen)")
@@ -70,7 +75,8 @@ def run(args) -> int:
     labels = [int(x) for x in args.class_labels.split(",")] if args.class_labels else None
     config = DistillConfig(
         output_dir=args.output_dir, prompts=args.prompts, class_labels=labels, uncond_prob=args.uncond_prob,
-        latents=args.latents, trajectory_steps=args.trajectory_steps, resolution=args.resolution,
+        latents=args.latents, trajectory_runs=args.trajectory_runs, trajectory_steps=args.trajectory_steps,
+        trajectory_guidance=args.trajectory_guidance, resolution=args.resolution,
         batch_size=args.batch_size, max_steps=args.max_steps, lr=args.lr, inherited_lr=args.inherited_lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None,
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,

@@ -23,7 +23,9 @@ class DistillConfig:
     uncond_prob: float = 0.1                        # share of empty prompts / null classes
     # inputs
     latents: str = "noise"                          # "noise" | "trajectory" | a folder of images
-    trajectory_steps: int = 20                      # sampling steps of the teacher for "trajectory"
+    trajectory_runs: int = 8                        # "trajectory": pipeline runs (of batch_size samples) recorded
+    trajectory_steps: int | None = None             # their steps; None: the pipeline's recipe, else 20
+    trajectory_guidance: float | None = None        # their guidance scale; None: the recipe's / the pipeline's
     shared_timestep: bool | None = None             # one timestep per batch; None: when the patch is step-dependent
     resolution: int | None = None                   # image pixels; default: the model's sample size
     # optimisation
@@ -54,12 +56,25 @@ class DistillConfig:
             raise ValueError(f"inherited_lr must be >= 0, got {self.inherited_lr}")
         if not 0.0 <= self.uncond_prob <= 1.0:
             raise ValueError(f"uncond_prob must be in [0, 1], got {self.uncond_prob}")
+        if not _is_count(self.trajectory_runs):
+            raise ValueError(f"trajectory_runs must be an integer >= 1, got {self.trajectory_runs!r}")
+        if self.trajectory_steps is not None and not _is_count(self.trajectory_steps):
+            raise ValueError(f"trajectory_steps must be None (the pipeline's recipe) or an integer >= 1, "
+                             f"got {self.trajectory_steps!r}")
+        if self.trajectory_guidance is not None and not (math.isfinite(self.trajectory_guidance)
+                                                         and self.trajectory_guidance >= 1):
+            raise ValueError(f"trajectory_guidance must be None (the recipe's) or a finite number >= 1, "
+                             f"got {self.trajectory_guidance!r}")
         if self.shared_timestep not in (None, True, False):
             raise ValueError(f"shared_timestep must be None (automatic), True or False, got {self.shared_timestep!r}")
         if self.latents in ("noise", "trajectory"):
             return
         if not Path(self.latents).is_dir():
             raise ValueError(f"latents must be 'noise', 'trajectory' or a folder of images; {self.latents!r} is none")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass

@@ -5,10 +5,10 @@ One random generator per (seed, step, rank) draws, in this order:
   family's `encode_prompts` (the pipeline's `encode_prompt`: SD, SDXL, SD3), or class labels (DiT / SiT);
   with probability `uncond_prob` the empty prompt / null class, so the unconditional branch of guidance
   is distilled too;
-- clean samples: "noise" (x0 ~ N(0, I), the cheapest, off the data manifold), given data or an image
-  folder encoded with the VAE (x0 drawn from them), or "trajectory" (a state of the teacher's own
-  sampling run from noise with the pipeline's scheduler: the inputs the model sees at inference, at
-  the cost of extra teacher steps);
+- clean samples: "noise" (x0 ~ N(0, I), the cheapest, off the data manifold), or given data or an image
+  folder encoded with the VAE (x0 drawn from them); or, instead of noised samples, "trajectory": the
+  denoiser's own inputs recorded while the pipeline samples (`RecordedRuns`: guidance, sampler and
+  scheduler exactly as at inference, recorded once before training);
 - noising from the pipeline's scheduler (`Noising`): flow matching (x_t = (1 - sigma) x0 + sigma eps,
   sigma shifted like the scheduler's `shift`; SD3), SiT's interpolant (x_t = t x0 + (1 - t) eps,
   t ~ U[0, 1], the model takes t itself; `SiTScheduler`) or DDPM (x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps).
@@ -16,6 +16,7 @@ One random generator per (seed, step, rank) draws, in this order:
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from pathlib import Path
@@ -175,6 +176,82 @@ class Noising:
 
 
 # =====================================================================================================
+# The sampler's own inputs
+# =====================================================================================================
+
+class RecordedRuns:
+    """The denoiser's keyword arguments at every call of whole pipeline runs (`calls`: each run's
+    pipeline arguments), recorded on the CPU by a forward pre-hook: what the model meets at
+    inference, with the pipeline's guidance batch (conditional and unconditional halves), its
+    sampler's extra calls (Heun's corrector) and its scheduler's input scaling. `context` is entered
+    around the runs (the distiller's `teacher_mode`: the runs are the stock model's).
+
+    `draw(batch_size, generator)`: `batch_size` samples (with replacement) of one recorded call drawn
+    uniformly, so every step of a run trains alike and a batch shares one timestep. With `keep` (a
+    file), the recording is saved there and reused by a run resumed with the same runs' arguments.
+    """
+
+    def __init__(self, pipe, denoiser: torch.nn.Module, input_key: str, calls: Sequence[dict[str, Any]],
+                 context: Callable[[], Any], progress: bool = True, keep: Path | None = None):
+        from tqdm.auto import tqdm
+
+        from ..files import atomic_path
+
+        self.input_key = input_key
+        key = repr([{k: (v.initial_seed() if isinstance(v, torch.Generator) else v) for k, v in call.items()}
+                    for call in calls])
+        if keep is not None and keep.is_file():
+            saved = torch.load(keep, weights_only=True)
+            if saved["key"] == key:
+                self.calls = saved["calls"]
+                return
+        self.calls: list[dict[str, Any]] = []
+        signature = inspect.signature(denoiser.forward)
+
+        def record(module, args, kwargs):
+            self.calls.append(_detached(signature.bind_partial(*args, **kwargs).arguments))
+
+        handle = denoiser.register_forward_pre_hook(record, with_kwargs=True)
+        saved = dict(getattr(pipe, "_progress_bar_config", {}))
+        pipe.set_progress_bar_config(disable=True)
+        try:
+            with context(), torch.no_grad():
+                for call in tqdm(calls, desc="recording the sampler's inputs", disable=not progress):
+                    pipe(**call)
+        finally:
+            handle.remove()
+            pipe._progress_bar_config = saved
+        if not self.calls:
+            raise ValueError(f"{type(pipe).__name__} never called its denoiser: nothing to record")
+        if keep is not None:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(keep) as tmp:
+                torch.save({"key": key, "calls": self.calls}, tmp)
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
+        call = self.calls[int(torch.randint(0, len(self.calls), (1,), generator=generator))]
+        size = call[self.input_key].shape[0]
+        return _select(call, torch.randint(0, size, (batch_size,), generator=generator), size)
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def _select(value, index: torch.Tensor, size: int):
+    """`value` with every tensor whose first dimension is the call's batch `size` indexed by `index`."""
+    if isinstance(value, torch.Tensor):
+        return value[index] if value.ndim and value.shape[0] == size else value
+    if isinstance(value, dict):
+        return {k: _select(v, index, size) for k, v in value.items()}
+    return value
+
+
+# =====================================================================================================
 # Batches
 # =====================================================================================================
 
@@ -182,8 +259,8 @@ class DistillData:
     """The batches of a distillation run: `sample_batch(step)` -> the denoiser's keyword arguments
     (input (B, C, H, W), timestep (B,), conditions) on `device`, floating tensors in the model's dtype.
 
-    `family` says the denoiser's input name and the fallback noising; `teacher` (inputs -> output)
-    runs the sampling steps of "trajectory" states. `conditions`, `noising` and `data` (clean
+    `family` says the denoiser's input name and the fallback noising; `teacher_context` makes the
+    pipeline the stock model while "trajectory" runs are recorded. `conditions`, `noising` and `data` (clean
     samples (N, C, H, W) in the denoiser's input space) override what `config` would choose.
     A class-conditional model's `data` comes with its `labels` (N,): each sample is drawn with its
     own class (or the null class, `uncond_prob`), the pairs the model meets when it samples. Drawn
@@ -193,11 +270,11 @@ class DistillData:
 
     def __init__(self, denoiser: torch.nn.Module, pipe, family: Family, config: DistillConfig, *,
                  device: torch.device, rank: int, shared_timestep: bool,
-                 teacher: Callable[[dict[str, Any]], torch.Tensor], conditions: Conditions | None = None,
+                 teacher_context: Callable[[], Any], conditions: Conditions | None = None,
                  noising: str | None = None, latent_size: int | tuple[int, int] | None = None,
                  data: torch.Tensor | None = None, labels: torch.Tensor | None = None):
         self.denoiser, self.pipe, self.family, self.config = denoiser, pipe, family, config
-        self.device, self.rank, self.shared_timestep, self.teacher = device, rank, shared_timestep, teacher
+        self.device, self.rank, self.shared_timestep = device, rank, shared_timestep
         self.latent_shape = self._latent_shape(latent_size)
         resolution = tuple(s * self._vae_scale() for s in self.latent_shape[-2:])
         self.conditions = conditions or default_conditions(pipe, denoiser, family, config, resolution)
@@ -223,8 +300,12 @@ class DistillData:
             self.clean = self._encode_images(config.latents)
         else:
             self.clean = None  # x0 ~ N(0, I), or trajectory states
-        if config.latents == "trajectory" and scheduler is None:
-            raise ValueError("latents='trajectory' samples with the pipeline's scheduler: pass the pipeline")
+        self.runs = None
+        if config.latents == "trajectory" and self.clean is None:
+            if pipe is None:
+                raise ValueError("latents='trajectory' records the pipeline's own runs: pass the pipeline")
+            self.runs = RecordedRuns(pipe, denoiser, family.input_key, self._trajectory_calls(), teacher_context,
+                                     progress=config.progress, keep=Path(config.output_dir) / f"trajectory-{rank}.pt")
 
     # --- shapes -----------------------------------------------------------------------------------------
 
@@ -300,21 +381,39 @@ class DistillData:
             latents.append(((z - shift) * vae.config.scaling_factor).cpu())
         return torch.cat(latents)
 
-    @torch.no_grad()
-    def _trajectory_state(self, cond, generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """A state of the teacher's own sampling run: random stop index among `trajectory_steps`."""
-        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-        scheduler.set_timesteps(self.config.trajectory_steps)
-        batch = self.config.batch_size
-        stop = int(torch.randint(0, len(scheduler.timesteps), (1,), generator=generator))
-        x = torch.randn((batch, *self.latent_shape), generator=generator).to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)
-        channels = self.latent_shape[0]
-        scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)  # flow matching has none
-        for t in scheduler.timesteps[:stop]:
-            out = self.teacher(self.inputs(scale(x, t), t.expand(batch).to(self.device), cond))
-            x = scheduler.step(out[:, :channels], t, x).prev_sample
-        t = scheduler.timesteps[stop]
-        return scale(x, t).cpu(), t.expand(batch).cpu()
+    def _trajectory_calls(self) -> list[dict[str, Any]]:
+        """The pipeline arguments of the recorded runs: `trajectory_runs` runs of `batch_size` samples from
+        noise, at the pipeline's recipe (`pipeline_io.recipe`) unless `trajectory_steps` /
+        `trajectory_guidance` say otherwise; run i's conditions and noise from generator (seed, -1 - i)."""
+        from ..pipeline_io import call_kwargs, call_parameters, recipe
+
+        config = self.config
+        defaults = recipe(self.pipe)
+        steps = config.trajectory_steps or defaults.get("num_inference_steps", 20)
+        guidance = config.trajectory_guidance
+        if guidance is None:
+            guidance = defaults.get("guidance_scale")
+        takes_size = "height" in call_parameters(self.pipe)
+        height, width = ((s * self._vae_scale() for s in self.latent_shape[1:]) if takes_size else (None, None))
+        calls = []
+        for run in range(config.trajectory_runs):
+            generator = self.generator(-1 - run)
+            if isinstance(self.conditions, ClassConditions):
+                labels = self.conditions.labels[torch.randint(0, len(self.conditions.labels), (config.batch_size,),
+                                                              generator=generator)]
+                condition = dict(prompt="", class_label=labels.tolist())
+            elif isinstance(self.conditions, PromptConditions):
+                prompts = self.conditions.prompts
+                condition = dict(prompt=prompts[int(torch.randint(0, len(prompts), (1,), generator=generator))],
+                                 class_label=0)
+            else:
+                raise ValueError("latents='trajectory' draws prompts or class labels; custom conditions cannot "
+                                 "say what to pass the pipeline")
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+            call = call_kwargs(self.pipe, steps=steps, guidance=guidance, height=height, width=width, seed=seed,
+                               batch_size=config.batch_size, **condition)
+            calls.append({**defaults, **call, "num_inference_steps": steps, "output_type": "latent"})
+        return calls
 
     # --- batches ----------------------------------------------------------------------------------------
 
@@ -333,21 +432,22 @@ class DistillData:
             cond = self.conditions.of_labels(self.labels[index], generator)
             sample, timestep = self.noising.add_noise(self.clean[index], generator, shared=self.shared_timestep)
             return self.inputs(sample, timestep, cond)
+        if self.runs is not None:        # the sampler's own inputs, as recorded
+            return _to_device(self.runs.draw(batch, generator), self.device, self._dtype())
         cond = self.conditions.sample(batch, generator)
-        if self.config.latents == "trajectory" and self.clean is None:
-            sample, timestep = self._trajectory_state(cond, generator)
+        if self.clean is not None:
+            x0 = self.clean[torch.randint(0, len(self.clean), (batch,), generator=generator)]
         else:
-            if self.clean is not None:
-                x0 = self.clean[torch.randint(0, len(self.clean), (batch,), generator=generator)]
-            else:
-                x0 = torch.randn((batch, *self.latent_shape), generator=generator)
-            sample, timestep = self.noising.add_noise(x0, generator, shared=self.shared_timestep)
+            x0 = torch.randn((batch, *self.latent_shape), generator=generator)
+        sample, timestep = self.noising.add_noise(x0, generator, shared=self.shared_timestep)
         return self.inputs(sample, timestep, cond)
 
     def inputs(self, sample, timestep, cond) -> dict[str, Any]:
         """Denoiser keyword arguments on the device, floating tensors in the model's dtype."""
-        dtype = next(self.denoiser.parameters()).dtype
-        return _to_device({self.family.input_key: sample, "timestep": timestep, **cond}, self.device, dtype)
+        return _to_device({self.family.input_key: sample, "timestep": timestep, **cond}, self.device, self._dtype())
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
 
 
 def _to_device(value, device, dtype):

@@ -99,7 +99,8 @@ class Distiller:
 
         self.data = DistillData(self.denoiser, self.pipe, get_family(record.family), config,
                                 device=self.device, rank=self.accelerator.process_index,
-                                shared_timestep=self.shared_timestep, teacher=self.teacher,
+                                shared_timestep=self.shared_timestep,
+                                teacher_context=lambda: teacher_mode(self.denoiser, self.record),
                                 conditions=conditions, noising=noising, latent_size=latent_size, data=data,
                                 labels=labels)
 
