@@ -54,6 +54,7 @@ SIT_ROWS = {  # name -> (method, options); trainable methods get a training-free
     "mediators n=64": ("mediator", dict(mediators=64)),
     "mediators n=16": ("mediator", dict(mediators=16)),
     "mediators 16->64": ("mediator", dict(mediators=(16, 64))),
+    "mediators n=64, no DWC": ("mediator", dict(mediators=64, dwc=False)),   # the fine-tune without the V conv
     "VCA 64": ("vca", dict(tokens=64)),
     "LINA": ("lina", {}),
     "T^5": ("t5", {}),
