@@ -3,10 +3,10 @@ sampling run: the relative error of the patched model's conditional velocity v_c
 velocity v_u and of their difference v_c - v_u, the class direction that classifier-free guidance
 multiplies by its scale (docs/lab.md, "Lab II: why the fine-tune did not help").
 
-    python benchmarks/class_direction.py mediator --option mediators=64 --weights DIR [DIR ...]
+    python benchmarks/class_direction.py mediator --option mediators=64 --weights [NAME=]DIR ...
 
 Rows: the method training-free with `--option`s, then one row per `--weights` folder (a fine-tune
-of the method; its options are the folder's). Model: the shipped glyph SiT (`--models` for an export).
+of the method; its options are the folder's), named NAME or by its path. Model: the shipped glyph SiT (`--models` for an export).
 The run: one sample of each of the 36 classes from the same noise, Euler on `--steps` steps of SiT's
 interpolant (t = 0 noise to t = 1 data) at `--guidance`, the stock model's states; at each step every
 row's v_c and v_u on the stock state. Relative error: ||patched - stock|| / ||stock|| over the batch.
@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     parser.add_argument("method", help="the method, e.g. mediator")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="an option of the training-free row (repeatable)")
-    parser.add_argument("--weights", nargs="*", default=[], help="fine-tuned weights folders of the method")
+    parser.add_argument("--weights", nargs="*", default=[], metavar="[NAME=]DIR",
+                        help="fine-tuned weights folders of the method, each optionally named")
     parser.add_argument("--models", default=None, help="exported glyph models folder (default: the shipped ones)")
     parser.add_argument("--steps", type=positive_int, default=12)
     parser.add_argument("--guidance", type=positive_float, default=4.0)
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
     try:                                                      # bad input fails here, before any model loads
         get_method(args.method)
         options = parse_options(args.option, args.method)
-        methods = {folder: read_config(folder)["method"] for folder in args.weights}
+        folders = dict(w.split("=", 1) if "=" in w else (w, w) for w in args.weights)   # name -> folder
+        methods = {folder: read_config(folder)["method"] for folder in folders.values()}
     except (OptionError, FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     for folder, method in methods.items():
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
     states = stock_states(stock, NUM_CLASSES, args.steps, args.guidance, args.seed)
     direction_size = [float((v_c - v_u).norm() / v_c.norm()) for _, _, v_c, v_u in states]
     results = {}
-    rows = [("training-free", dict(options))] + [(folder, dict(weights=folder)) for folder in args.weights]
+    rows = [("training-free", dict(options))] + [(name, dict(weights=folder)) for name, folder in folders.items()]
     for name, kwargs in rows:
         pipe = lab.glyph_sit_pipeline(args.models)
         dx.patch(pipe, args.method, **kwargs)
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
     harness.write_json(stem.with_name(stem.name + ".json"), dict(
         command=harness.command(__file__, argv), method=args.method, options=options, steps=args.steps,
         guidance=args.guidance, direction_size=direction_size, rows=results))
-    columns = ["t", "|v_c - v_u| / |v_c|"] + [f"{name}: v_c / v_u / direction" for name in results]
+    columns = ["t", "norm(v_c - v_u) / norm(v_c)"] + [f"{name}: v_c / v_u / direction" for name in results]
     table = [[f"{s[1]:.2f}", f"{direction_size[i]:.3f}"]
              + [f"{r[i]['v_c']:.3f} / {r[i]['v_u']:.3f} / {r[i]['direction']:.3f}" for r in results.values()]
              for i, s in enumerate(states)]
