@@ -244,13 +244,12 @@ def run_curves(study: Study, scratch: Path) -> None:
         base = study.settings(name, method, options, "curve", rate=round(rate, 3), **study.recipe())
         pipe = study.load()
         for m in minutes:
+            if m == 0:      # training-free: the same point for every recipe
+                study.evaluate(study.settings(f"{name} @ 0 min", method, options, "curve"),
+                               apply(study.load(), method, options), dict(curve=name, minutes=0), keep_pipe=False)
+                continue
             steps = round(m * rate)
             settings = dict(base, name=f"{name} @ {m} min", steps=steps)
-            if m == 0:      # training-free: the same point for every recipe
-                settings = study.settings(f"{name} @ 0 min", method, options, "curve")
-                study.evaluate(settings, apply(study.load(), method, options), dict(curve=name, minutes=0),
-                               keep_pipe=False)
-                continue
             # every point trains the same run further: the run's folder is the method's, not the point's
             folder_settings = dict(base, name=name)
             if study.cache.load(settings) is None:
