@@ -199,6 +199,40 @@ def test_labelled_data_is_drawn_with_its_own_class(tmp_path):
                   data=torch.zeros(2, 4, 8, 8), labels=torch.tensor([0, 1]))
 
 
+def test_a_captioned_image_folder_draws_each_image_with_its_own_caption(tmp_path):
+    """Images with captions beside them (cat.png + cat.txt): every sample's prompt embedding is its own
+    image's caption (or the empty prompt at uncond_prob); partial captions, or captions and prompts, are refused."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    captions = {"b_dog": "a dog on a hill", "a_cat": "a cat", "c_car": "a red car\nat night"}
+    for i, (stem, caption) in enumerate(captions.items()):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200 - 60 * i)).save(folder / f"{stem}.png")
+        (folder / f"{stem}.txt").write_text(caption)
+    from diffusers_ext.families import get_family
+
+    pipe = tiny_pipeline("sd3")
+    distiller = Distiller(pipe, "t5", _config(tmp_path, latents=str(folder), batch_size=16, uncond_prob=0.25),
+                          latent_size=8)
+    ordered = ["a cat", "a dog on a hill", "a red car at night"]                  # sorted by path, whitespace folded
+    assert distiller.conditions.prompts == ordered
+    encoded = get_family("sd3").encode_prompts(pipe, ["", *ordered], "cpu")["encoder_hidden_states"]
+    generator = distiller.data.generator(0)
+    index = torch.randint(0, 3, (16,), generator=generator)
+    states = distiller.sample_batch(0)["encoder_hidden_states"]
+    own = [torch.allclose(states[b], encoded[1 + index[b]]) for b in range(16)]
+    null = [torch.allclose(states[b], encoded[0]) for b in range(16)]
+    assert all(o or n for o, n in zip(own, null)) and sum(own) >= 8              # uncond_prob 0.25 of 16
+    dx.unpatch(pipe)
+    with pytest.raises(ValueError, match="give no prompts"):
+        Distiller(pipe, "t5", _config(tmp_path, latents=str(folder), prompts=PROMPTS), latent_size=8)
+    dx.unpatch(pipe)
+    (folder / "c_car.txt").unlink()
+    with pytest.raises(ValueError, match=r"c_car.png has no caption \(c_car.txt is missing or empty\)"):
+        Distiller(pipe, "t5", _config(tmp_path, latents=str(folder)), latent_size=8)
+
+
 def test_trajectory_latents_and_prompt_file(tmp_path):
     (tmp_path / "prompts.txt").write_text("a cat\n\na tree\n")
     pipe = tiny_pipeline("sd3")

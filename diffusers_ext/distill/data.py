@@ -72,9 +72,13 @@ class PromptConditions:
         return {key: value.cpu() for key, value in self.family.encode_prompts(pipe, prompts, device).items()}
 
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
-        index = torch.randint(1, len(self.prompts) + 1, (batch_size,), generator=generator)
-        index[torch.rand(batch_size, generator=generator) < self.uncond_prob] = 0
-        return self.family.condition_kwargs({key: value[index] for key, value in self.table.items()}, self.resolution)
+        return self.of_prompts(torch.randint(0, len(self.prompts), (batch_size,), generator=generator), generator)
+
+    def of_prompts(self, index: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
+        """The conditions of `self.prompts[index]` (B,), each replaced by the empty prompt with `uncond_prob`."""
+        rows = index + 1
+        rows[torch.rand(len(rows), generator=generator) < self.uncond_prob] = 0
+        return self.family.condition_kwargs({key: value[rows] for key, value in self.table.items()}, self.resolution)
 
 
 class ClassConditions:
@@ -110,6 +114,34 @@ class ClassConditions:
         if self.uncond_prob:
             labels[torch.rand(len(labels), generator=generator) < self.uncond_prob] = self.null_label
         return {"class_labels": labels}
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def image_paths(folder: str | os.PathLike) -> list[Path]:
+    """The images of a folder, sorted by path."""
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return paths
+
+
+def image_captions(folder: str | os.PathLike) -> list[str] | None:
+    """Each image's caption, the text file beside it with the same name (`cat.png` -> `cat.txt`), in
+    `image_paths` order; None when no image has one. Some captioned, some not: an error."""
+    paths = image_paths(folder)
+    files = [p.with_suffix(".txt") for p in paths]
+    if not any(f.is_file() for f in files):
+        return None
+    captions = []
+    for image, file in zip(paths, files):
+        caption = " ".join(file.read_text(encoding="utf-8").split()) if file.is_file() else ""
+        if not caption:
+            raise ValueError(f"{image.name} has no caption ({file.name} is missing or empty); every image of a "
+                             f"captioned folder needs one")
+        captions.append(caption)
+    return captions
 
 
 def default_conditions(pipe, denoiser, family: Family | str, config: DistillConfig,
@@ -277,12 +309,19 @@ class DistillData:
         self.device, self.rank, self.shared_timestep = device, rank, shared_timestep
         self.latent_shape = self._latent_shape(latent_size)
         resolution = tuple(s * self._vae_scale() for s in self.latent_shape[-2:])
+        folder = config.latents if data is None and config.latents not in ("noise", "trajectory") else None
+        captions = image_captions(folder) if folder is not None and family.conditioning == "text" else None
+        if captions is not None and conditions is None:     # each image with its own caption
+            if config.prompts is not None:
+                raise ValueError(f"the images in {folder} have captions, which are their prompts: give no prompts")
+            conditions = PromptConditions(pipe, family, captions, config.uncond_prob, resolution)
         self.conditions = conditions or default_conditions(pipe, denoiser, family, config, resolution)
         scheduler = getattr(pipe, "scheduler", None)
         if scheduler is None and noising is None:
             noising = family.noising
         self.noising = Noising(scheduler, noising)
         self.labels = None
+        self.captioned = captions is not None and isinstance(self.conditions, PromptConditions)
         if data is not None:
             if data.ndim != 4 or tuple(data.shape[1:]) != self.latent_shape:
                 raise ValueError(f"data must be (N, {', '.join(map(str, self.latent_shape))}) samples of the "
@@ -360,9 +399,7 @@ class DistillData:
         vae = getattr(self.pipe, "vae", None)
         if vae is None:
             raise ValueError("training on images needs the pipeline's VAE: pass the pipeline")
-        paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-        if not paths:
-            raise ValueError(f"no images (.png, .jpg, .jpeg, .webp) in {folder}")
+        paths = image_paths(folder)
         height, width = (s * self._vae_scale() for s in self.latent_shape[1:])
         latents = []
         for start in range(0, len(paths), 8):
@@ -427,9 +464,10 @@ class DistillData:
         """Denoiser keyword arguments of one (per-process) batch: sample, timestep and conditions."""
         generator = self.generator(step, seed)
         batch = self.config.batch_size
-        if self.labels is not None:      # labelled data: each sample with its own class
+        if self.labels is not None or self.captioned:      # each sample with its own class or caption
             index = torch.randint(0, len(self.clean), (batch,), generator=generator)
-            cond = self.conditions.of_labels(self.labels[index], generator)
+            cond = (self.conditions.of_labels(self.labels[index], generator) if self.labels is not None
+                    else self.conditions.of_prompts(index, generator))
             sample, timestep = self.noising.add_noise(self.clean[index], generator, shared=self.shared_timestep)
             return self.inputs(sample, timestep, cond)
         if self.runs is not None:        # the sampler's own inputs, as recorded
