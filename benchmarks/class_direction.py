@@ -6,10 +6,10 @@ multiplies by its scale (docs/lab.md, "Lab II: why the fine-tune did not help").
     python benchmarks/class_direction.py mediator --option mediators=64 --weights [NAME=]DIR ...
 
 Rows: the method training-free with `--option`s, then one row per `--weights` folder (a fine-tune
-of the method; its options are the folder's), named NAME or by its path. Model: the shipped glyph SiT (`--models` for an export).
-The run: one sample of each of the 36 classes from the same noise, Euler on `--steps` steps of SiT's
-interpolant (t = 0 noise to t = 1 data) at `--guidance`, the stock model's states; at each step every
-row's v_c and v_u on the stock state. Relative error: ||patched - stock|| / ||stock|| over the batch.
+of the method; its options are the folder's), named NAME or by its path. Model: the shipped glyph SiT
+(`--models` for an export). The run: one sample of each of the 36 classes from the same noise, Euler on
+the SiT scheduler's `--steps`-step grid (t = 0 noise to t = 1 data) at `--guidance`, the stock model's
+states; at each step every row's v_c and v_u on the stock state (`SiTPipeline.velocity`, unguided). Relative error: ||patched - stock|| / ||stock|| over the batch.
 Writes benchmarks/results/class_direction.md / .json.
 """
 
@@ -28,39 +28,38 @@ from diffusers_ext.registry import get_method, parse_options
 from diffusers_ext.weights import read_config
 
 
-def velocity(model, x: torch.Tensor, t: float, labels: torch.Tensor) -> torch.Tensor:
-    """The model's velocity (its first output channels: a learned variance is dropped)."""
-    out = model(x, timestep=torch.full((len(x),), t), class_labels=labels).sample
-    return out[:, :x.shape[1]]
+def branches(pipe, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v_c, v_u): the pipeline's unguided velocity of each sample's class (sample i is of class i) and
+    of the null class at (x, t)."""
+    labels = torch.arange(len(x))
+    null = torch.full_like(labels, pipe.num_classes)
+    return pipe.velocity(x, t, labels, 1.0, None), pipe.velocity(x, t, null, 1.0, None)
 
 
 @torch.no_grad()
-def stock_states(model, num_classes: int, steps: int, guidance: float, seed: int) -> list[tuple]:
-    """(x, t, v_c, v_u) at every step of the stock model's guided Euler run, one sample per class."""
-    labels = torch.arange(num_classes)
-    null = torch.full_like(labels, num_classes)
-    channels, size = model.config.in_channels, model.config.sample_size
-    x = torch.randn(num_classes, channels, size, size, generator=torch.Generator().manual_seed(seed))
-    grid = torch.linspace(0, 1, steps + 1)
+def stock_states(pipe, steps: int, guidance: float, seed: int) -> list[tuple]:
+    """(x, t, v_c, v_u) at every step of the stock pipeline's guided Euler run, one sample per class."""
+    config = pipe.transformer.config
+    x = torch.randn(pipe.num_classes, config.in_channels, config.sample_size, config.sample_size,
+                    generator=torch.Generator().manual_seed(seed))
+    pipe.scheduler.set_timesteps(steps, "ode-euler")
+    grid = pipe.scheduler.grid.tolist()
     states = []
-    for t, t_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
-        v_c, v_u = velocity(model, x, t, labels), velocity(model, x, t, null)
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        v_c, v_u = branches(pipe, x, t)
         states.append((x, t, v_c, v_u))
         x = x + (t_next - t) * (v_u + guidance * (v_c - v_u))
     return states
 
 
 @torch.no_grad()
-def errors(model, states, num_classes: int) -> list[dict]:
-    labels = torch.arange(num_classes)
-    null = torch.full_like(labels, num_classes)
-
+def errors(pipe, states) -> list[dict]:
     def relative(a, b):
         return float((a - b).norm() / b.norm())
 
     rows = []
     for x, t, v_c, v_u in states:
-        p_c, p_u = velocity(model, x, t, labels), velocity(model, x, t, null)
+        p_c, p_u = branches(pipe, x, t)
         rows.append(dict(t=t, v_c=relative(p_c, v_c), v_u=relative(p_u, v_u),
                          direction=relative(p_c - p_u, v_c - v_u)))
     return rows
@@ -91,18 +90,16 @@ def main(argv=None) -> int:
             parser.error(f"--weights {folder} holds a fine-tune of {method!r}, not of {args.method!r}")
 
     from diffusers_ext.lab import pipelines as lab
-    from diffusers_ext.lab.data import NUM_CLASSES
 
     torch.set_num_threads(os.cpu_count() or 1)
-    stock = lab.glyph_sit_pipeline(args.models).transformer
-    states = stock_states(stock, NUM_CLASSES, args.steps, args.guidance, args.seed)
+    states = stock_states(lab.glyph_sit_pipeline(args.models), args.steps, args.guidance, args.seed)
     direction_size = [float((v_c - v_u).norm() / v_c.norm()) for _, _, v_c, v_u in states]
     results = {}
     rows = [("training-free", dict(options))] + [(name, dict(weights=folder)) for name, folder in folders.items()]
     for name, kwargs in rows:
         pipe = lab.glyph_sit_pipeline(args.models)
         dx.patch(pipe, args.method, **kwargs)
-        results[name] = errors(pipe.transformer, states, NUM_CLASSES)
+        results[name] = errors(pipe, states)
         print(name, " ".join(f"{r['direction']:.3f}" for r in results[name]), flush=True)
 
     stem = harness.output_stem(args)

@@ -139,22 +139,24 @@ class Study:
         print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
         return row
 
+    def trajectory_fields(self) -> dict:
+        """The `DistillConfig` fields of `--latents trajectory`; {} when the fine-tune is on the glyphs."""
+        args = self.args
+        return dict(latents="trajectory", trajectory_runs=args.trajectory_runs) if args.latents == "trajectory" else {}
+
     def recipe(self) -> dict:
         """The fine-tune's settings: part of the cache key of every fine-tuned row."""
         args = self.args
-        inputs = dict(labels="own") if args.latents == "data" else dict(latents="trajectory",
-                                                                         trajectory_runs=args.trajectory_runs)
-        return dict(distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr, **inputs)
+        return dict(distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr,
+                    **(self.trajectory_fields() or dict(labels="own")))
 
     def distiller(self, pipe, method: str, options: dict, **config) -> Distiller:
         """A distillation of `method` at the recipe: on the training glyphs, each drawn with its own class,
         or on the stock model's own guided sampling runs at the SiT's recipe (`--latents trajectory`)."""
-        args = self.args
+        args, trajectory = self.args, self.trajectory_fields()
         config = DistillConfig(batch_size=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr,
-                               warmup_steps=10, **config,
-                               **(dict(latents="trajectory", trajectory_runs=args.trajectory_runs)
-                                  if args.latents == "trajectory" else {}))
-        data = dict(data=self.train_images, labels=self.train_labels) if args.latents == "data" else {}
+                               warmup_steps=10, **config, **trajectory)
+        data = {} if trajectory else dict(data=self.train_images, labels=self.train_labels)
         return Distiller(pipe, method, config, options=options, **data)
 
     def distill(self, settings: dict, pipe, method: str, options: dict, steps: int, scratch: Path):

@@ -310,8 +310,10 @@ class DistillData:
         self.latent_shape = self._latent_shape(latent_size)
         resolution = tuple(s * self._vae_scale() for s in self.latent_shape[-2:])
         folder = config.latents if data is None and config.latents not in ("noise", "trajectory") else None
-        captions = image_captions(folder) if folder is not None and family.conditioning == "text" else None
-        if captions is not None and conditions is None:     # each image with its own caption
+        captions = (image_captions(folder) if folder is not None and conditions is None
+                    and family.conditioning == "text" else None)
+        self.captioned = captions is not None       # each image drawn with its own caption
+        if self.captioned:
             if config.prompts is not None:
                 raise ValueError(f"the images in {folder} have captions, which are their prompts: give no prompts")
             conditions = PromptConditions(pipe, family, captions, config.uncond_prob, resolution)
@@ -321,7 +323,6 @@ class DistillData:
             noising = family.noising
         self.noising = Noising(scheduler, noising)
         self.labels = None
-        self.captioned = captions is not None and isinstance(self.conditions, PromptConditions)
         if data is not None:
             if data.ndim != 4 or tuple(data.shape[1:]) != self.latent_shape:
                 raise ValueError(f"data must be (N, {', '.join(map(str, self.latent_shape))}) samples of the "
@@ -335,8 +336,8 @@ class DistillData:
                 self.clean, self.labels = self.clean[keep], self.labels[keep]
         elif labels is not None:
             raise ValueError("labels name the classes of data: give them with data")
-        elif config.latents not in ("noise", "trajectory"):
-            self.clean = self._encode_images(config.latents)
+        elif folder is not None:
+            self.clean = self._encode_images(folder)
         else:
             self.clean = None  # x0 ~ N(0, I), or trajectory states
         self.runs = None
