@@ -289,13 +289,20 @@ def test_self_processor_matches_dense_reference(conv_on, dtype, tol):
     torch.testing.assert_close(got, ref, **tol)
 
 
-@pytest.mark.parametrize("text_tokens,gate_tokens", [("linear", 3), ("softmax", 9)])
-def test_joint_processor_matches_dense_reference(text_tokens, gate_tokens):
+@pytest.mark.parametrize("text_tokens,gate_tokens,gate_grid,gate_resize,conv_on", [
+    ("linear", 3, (6, 6), "interpolate", "input"), ("softmax", 9, (6, 6), "interpolate", "value"),
+    ("linear", 0, (6, 6), "interpolate", "input"),   # ungated text: the text part of the joined gate is 1
+    ("linear", 3, (4, 4), "reset", "value"),         # image gates reset at another grid: the image part is 1
+])
+def test_joint_processor_matches_dense_reference(text_tokens, gate_tokens, gate_grid, gate_resize, conv_on):
+    """Also at an eps and a softmax scale other than the defaults (0.05; 0.7 d^-1/2), so dropping either
+    is seen."""
     torch.manual_seed(0)
     model = tiny_sd3_transformer(sd35=True).eval()
     record = dx.patch(model, "lina", layout="gated", text_tokens=text_tokens, text_gate_tokens=gate_tokens,
-                      gate_grid=(6, 6))
+                      gate_grid=gate_grid, gate_resize=gate_resize, conv_on=conv_on, eps=0.05)
     attn = model.transformer_blocks[0].attn  # a decoder block with its text output (block 1 discards it)
+    attn.scale = 0.7 * attn.scale
     proc = attn.processor
     _randomise(proc)
     x, c = torch.randn(2, 36, 32), torch.randn(2, 5, 32)
@@ -309,18 +316,71 @@ def test_joint_processor_matches_dense_reference(text_tokens, gate_tokens):
         # text gates over the first `gate_tokens` text positions, 1 beyond (5 text tokens here)
         text_k, text_v = torch.ones(1, h, 5, 1), torch.ones(1, h, 5, 1)
         n = min(gate_tokens, 5)
-        text_k[:, :, :n], text_v[:, :, :n] = proc.text_key_gate[:, :, :n], proc.text_value_gate[:, :, :n]
-        gk, gv = torch.cat([proc.key_gate, text_k], 2), torch.cat([proc.value_gate, text_v], 2)
+        if n:
+            text_k[:, :, :n], text_v[:, :, :n] = proc.text_key_gate[:, :, :n], proc.text_value_gate[:, :, :n]
+        image_k, image_v = proc.key_gate, proc.value_gate
+        if gate_grid != (6, 6):  # "reset": gates of 1 on a grid they were not trained for
+            image_k, image_v = torch.ones(1, h, 36, 1), torch.ones(1, h, 36, 1)
+        gk, gv = torch.cat([image_k, text_k], 2), torch.cat([image_v, text_v], 2)
         keys, values = torch.cat([k, kc], 2), torch.cat([v, vc], 2)
-        oi = _dense(q, keys, values, gk, gv)
+        oi = _dense(q, keys, values, gk, gv, eps=0.05)
         if text_tokens == "linear":
-            oc = _dense(qc, keys, values, gk, gv)
+            oc = _dense(qc, keys, values, gk, gv, eps=0.05)
         else:
             oc = torch.softmax(attn.scale * qc @ keys.transpose(-1, -2), -1) @ values
-        ref_image = attn.to_out[0](_merge(oi) + _conv_tokens(proc.conv, x, (6, 6)))
+        local = _conv_tokens(proc.conv, x if conv_on == "input" else _merge(v), (6, 6))
+        ref_image = attn.to_out[0](_merge(oi) + local)
         ref_text = attn.to_add_out(_merge(oc))
     torch.testing.assert_close(got[0], ref_image, **FP32)
     torch.testing.assert_close(got[1], ref_text, **FP32)
+
+
+def _inputs_of(module):
+    """A list that receives the input of every call of `module` (and the hook's handle)."""
+    seen = []
+    return seen, module.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+
+
+@pytest.mark.parametrize("family", ["dit", "sd3"])
+def test_bf16_decoder_block_rounds_once(family):
+    """bf16 model: the gated linear attention plus the conv runs in fp32 and is rounded to bf16 once, at
+    the output projection's input (within half a bf16 step of the float64 result from the same bf16
+    projections and the same bf16 conv); rounding the attention to bf16 before the sum misses it."""
+    torch.manual_seed(0)
+    if family == "dit":
+        model, size, text = _tiny_dit(2, torch.bfloat16), 8, 0
+        record = dx.patch(model, "lina")
+        attn = model.transformer_blocks[1].attn1
+    else:
+        model, size, text = tiny_sd3_transformer(sd35=True).eval().to(torch.bfloat16), 6, 5
+        record = dx.patch(model, "lina", layout="gated", gate_grid=(6, 6), text_gate_tokens=3)
+        attn = model.transformer_blocks[0].attn
+    proc = attn.processor
+    _randomise(proc)
+    record.state.latent_hw = (2 * size, 2 * size)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, size * size, attn.to_q.in_features, generator=g).bfloat16()
+    seen, handle = _inputs_of(attn.to_out[0])
+    with torch.no_grad():
+        if text:
+            c = torch.randn(2, text, 32, generator=g).bfloat16()
+            attn(hidden_states=x, encoder_hidden_states=c)
+        else:
+            attn(x)
+        handle.remove()
+        h = attn.heads
+        q, k, v = (_heads(getattr(attn, name)(x), h) for name in ("to_q", "to_k", "to_v"))
+        gk, gv = proc.key_gate, proc.value_gate
+        if text:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+            kc, vc = attn.norm_added_k(_heads(attn.add_k_proj(c), h)), _heads(attn.add_v_proj(c), h)
+            k, v = torch.cat([k, kc], 2), torch.cat([v, vc], 2)
+            ones = torch.ones(1, h, text - 3, 1, dtype=gk.dtype)
+            gk = torch.cat([gk, proc.text_key_gate[:, :, :3], ones], 2)
+            gv = torch.cat([gv, proc.text_value_gate[:, :, :3], ones], 2)
+        exact = _merge(_dense(*(t.double() for t in (q, k, v, gk, gv)))) + proc.conv(x, (size, size)).double()
+    assert seen[0].dtype == torch.bfloat16
+    assert_rounded_from_exact(seen[0], exact)
 
 
 # --- resolution ----------------------------------------------------------------------------------------
@@ -367,6 +427,30 @@ def test_sequence_text_gate_cut_and_padded():
     gate = torch.arange(1.0, 5.0).view(1, 1, 4, 1)
     assert fit_sequence_gate(gate, 2).flatten().tolist() == [1.0, 2.0]
     assert fit_sequence_gate(gate, 6).flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 1.0, 1.0]
+
+
+def test_gate_resize_is_bilinear_in_fp32():
+    """A bf16 gate is interpolated in fp32 and rounded once: against F.interpolate's bilinear
+    (align_corners=False) written out as a 1-D interpolation per axis in float64."""
+    from diffusers_ext.processors.lina import resize_gate
+
+    gate = (1 + torch.rand(1, 2, 3 * 4, 1, generator=torch.Generator().manual_seed(0))).bfloat16()
+
+    def axis(n_in, n_out):  # (n_out, n_in) weights of half-pixel-centre linear interpolation
+        w = torch.zeros(n_out, n_in, dtype=torch.float64)
+        for i in range(n_out):
+            src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+            lo = min(int(src), n_in - 1)
+            hi, frac = min(lo + 1, n_in - 1), src - lo
+            w[i, lo] += 1 - frac
+            w[i, hi] += frac
+        return w
+
+    exact = axis(3, 7) @ gate.double().view(2, 3, 4) @ axis(4, 5).T      # (h, 7, 5)
+    got = resize_gate(gate, (3, 4), (7, 5))
+    assert got.dtype == torch.bfloat16 and got.shape == (1, 2, 35, 1)
+    assert_rounded_from_exact(got.view(2, 7, 5), exact)
+    assert resize_gate(gate, (3, 4), (3, 4)) is gate
 
 
 # --- the patch: start point, options, restore, weights ----------------------------------------------------

@@ -10,7 +10,7 @@ from helpers import heads_of, pool_loop
 
 import diffusers_ext as dx
 from diffusers_ext.ops import interpolated_bias
-from diffusers_ext.testing import tiny_pipeline
+from diffusers_ext.testing import tiny_dit_transformer, tiny_pipeline
 from diffusers_ext.processors.mediator import MediatorAttnProcessor, MediatorCounts
 
 
@@ -147,9 +147,35 @@ def test_even_split_by_default_and_option_errors():
     with pytest.raises(ValueError, match="decreasing"):
         dx.patch(pipe, "mediator", mediators=(4, 16, 64), switch_ratios=(0.3, 0.5))
     dx.patch(pipe, "mediator", mediators=81)                  # 9 x 9 > 8 x 8 tokens
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match=r"81 mediators \(9 x 9\) do not fit the 8 x 8 token grid.*at most 64"):
         pipe(class_labels=[1], num_inference_steps=1, output_type="latent")
+    dx.patch(pipe, "mediator", mediators=64)                  # 8 x 8: exactly the token grid, allowed
+    pipe(class_labels=[1], num_inference_steps=1, output_type="latent")
     dx.unpatch(pipe)
+
+
+@pytest.mark.parametrize("options,error,match", [
+    (dict(mediators=()), ValueError, "perfect square or a sequence"),
+    (dict(mediators=(4.0,)), ValueError, "perfect squares"),
+    (dict(mediators=(True,)), ValueError, "perfect squares"),
+    (dict(mediators=(0,)), ValueError, "perfect squares"),
+    (dict(mediators=(4, 16, 9)), ValueError, r"fewer first.*got \(4, 16, 9\); e.g. \(4, 9, 16\)"),
+    (dict(mediators=(4, 16), switch_at=0.0), ValueError, r"numbers in \(0, 1\)"),
+    (dict(mediators=(4, 16), switch_at=1.0), ValueError, r"numbers in \(0, 1\)"),
+    (dict(mediators=(4, 16), switch_at=(True,)), ValueError, r"numbers in \(0, 1\)"),
+    (dict(mediators=(4, 16, 64), switch_ratios=(0.5, 0.5)), ValueError, "decreasing"),
+])
+def test_option_boundaries(options, error, match):
+    with pytest.raises(error, match=match):
+        dx.patch(tiny_dit_transformer(), "mediator", **options)
+
+
+def test_option_forms_accepted():
+    """One fraction for two counts, equal neighbouring counts, a single count as an int."""
+    model = tiny_dit_transformer()
+    assert dx.patch(model, "mediator", mediators=(4, 16), switch_at=0.25).options["switch_at"] == (0.25,)
+    assert dx.patch(model, "mediator", mediators=(4, 4, 16)).options["mediators"] == (4, 4, 16)
+    assert dx.patch(model, "mediator", mediators=16).options["mediators"] == (16,)
 
 
 class FakeState:
@@ -214,6 +240,26 @@ def test_the_latent_hook_reads_keyword_inputs_and_detaches_twice():
     counts.detach()
     model(hidden_states=torch.zeros(2, 3))
     assert not torch.equal(counts._pending, torch.zeros(2, 3))
+
+
+def test_samples_at_different_counts_each_get_their_own():
+    """The adaptive switch's groups: sample 0 at 4 mediators and samples 1, 2 at 16 in one call are each
+    the dense reference at their own count (the same as calling them alone), with a softmax scale
+    other than d^-1/2."""
+    pipe = tiny_pipeline("dit")
+    record, attn, proc = _processor(pipe, (4, 16))
+    attn.scale = 0.6 * attn.scale
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in proc.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    proc.counts.groups = lambda batch: [(4, torch.tensor([0])), (16, torch.tensor([1, 2]))]
+    x = torch.randn(3, 64, attn.inner_dim, generator=g)
+    got = _run_attention(record, attn, proc, x, (8, 8))
+    with torch.no_grad():
+        expected = torch.cat([dense_mediator_attention(attn, proc, x[:1], (8, 8), 4),
+                              dense_mediator_attention(attn, proc, x[1:], (8, 8), 16)])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_zero_biases_train_and_a_changed_bias_is_seen():

@@ -234,6 +234,7 @@ def test_joint_processor_matches_dense_reference(text_tokens, local, dtype, tol)
     model = tiny_sd3_transformer(sd35=True).eval().to(dtype)
     record = dx.patch(model, "t5", text_tokens=text_tokens, local=local)
     attn = model.transformer_blocks[0].attn
+    attn.scale = 0.7 * attn.scale   # not d^-1/2, so a processor that drops the scale is seen
     proc = attn.processor
     _randomise(proc)
     x, c = torch.randn(2, 36, 32, dtype=dtype), torch.randn(2, 5, 32, dtype=dtype)
@@ -298,7 +299,7 @@ def test_release_start_and_options():
     assert proc.local == "neighborhood" and proc.kernel_size == 5
     ones = torch.ones(2, 1, 8)
     assert torch.equal(proc.q_scale.detach(), ones) and torch.equal(proc.k_scale.detach(), ones)
-    assert not proc.q_offset.detach().any()
+    assert not proc.q_offset.detach().any() and proc.q_offset.shape == (2, 1, 8)
     # released init: trunc_normal_(std=0.02) with absolute bounds +-2, so values beyond 2 sigma exist
     inner = torch.cat([proc.w1.detach().flatten(), proc.w2.detach().flatten()])
     assert (inner.abs() > 2 * 0.02).any() and inner.abs().max() < 0.2
@@ -308,6 +309,14 @@ def test_release_start_and_options():
         dx.patch(model, "t5", local="natten")
     with pytest.raises(ValueError, match="inner_init_std"):
         dx.patch(model, "t5", inner_init_std=0.0)
+    # the release's conv init: torch's default (random, one draw per conv), not zero
+    proc = dx.patch(model, "t5", conv_init="default").denoiser.transformer_blocks[0].attn1.processor
+    q_conv, k_conv = proc.q_conv.conv.weight.detach(), proc.k_conv.conv.weight.detach()
+    assert q_conv.abs().min() > 0 and not torch.equal(q_conv, k_conv)
+    # every new parameter follows the model's dtype
+    model64 = tiny_dit_transformer().eval().double()
+    dx.patch(model64, "t5")
+    assert {p.dtype for p in model64.transformer_blocks[0].attn1.processor.parameters()} == {torch.float64}
 
 
 def _sd3_call(model, seed=0):
