@@ -5,7 +5,7 @@ frame consistency, DDIM inversion, ControlNets, export."""
 import numpy as np
 import pytest
 import torch
-from helpers import require_module
+from helpers import assert_rounded_from_exact, require_module
 from PIL import Image
 
 import diffusers_ext as dx
@@ -119,6 +119,61 @@ def test_anchor_frame_equals_image_model_alone(pipe, anchor):
     assert not torch.allclose(stock[:, :, anchor], alone, atol=1e-3)
 
 
+def test_what_it_does_not_replace_is_the_stock_attention(pipe, caplog):
+    """Encoder states or a mask at a patched site, and a one-frame video, run the stock processor on exactly
+    the caller's inputs (the first two say so once)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    record = dx.patch(pipe, "anchor_frame", image_model_anchor=False)
+    try:
+        attn = pipe.unet.get_submodule(record.sites[0])
+        channels = attn.to_q.in_features
+        g = torch.Generator().manual_seed(3)
+        x, c = torch.randn(FRAMES, 16, channels, generator=g), torch.randn(FRAMES, 5, channels, generator=g)
+        mask = torch.randn(FRAMES, 1, 16, generator=g)
+        stock = AttnProcessor2_0()
+        record.state.num_frames = FRAMES
+        with torch.no_grad():
+            torch.testing.assert_close(attn(x, encoder_hidden_states=c), stock(attn, x, encoder_hidden_states=c),
+                                       rtol=0, atol=0)
+            torch.testing.assert_close(attn(x, attention_mask=mask), stock(attn, x, attention_mask=mask), rtol=0, atol=0)
+            assert "replaces self-attention only" in caplog.text and "does not take attention masks" in caplog.text
+            record.state.num_frames = 1
+            torch.testing.assert_close(attn(x[:1]), stock(attn, x[:1]), rtol=0, atol=0)
+            record.state.num_frames = FRAMES
+            assert not torch.allclose(attn(x), stock(attn, x))
+    finally:
+        dx.unpatch(pipe)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_processor_is_the_dense_equations_on_the_layers_projections(dtype):
+    """One patched layer against `_dense` on its own q, k, v at a softmax scale other than d^-1/2; in bf16
+    with `upcast_attention` the attention runs in fp32 and is rounded once (at the output projection's
+    input), within half a bf16 step of the float64 result."""
+    pipe = tiny_pipeline("animatediff")
+    record = dx.patch(pipe, "anchor_frame", image_model_anchor=False, mode="concat", anchor_weight=0.6, anchor=1)
+    attn = pipe.unet.get_submodule(record.sites[0]).to(dtype)
+    attn.scale, attn.upcast_attention = 0.7 * attn.scale, True
+    record.state.num_frames = FRAMES
+    x = torch.randn(2 * FRAMES, 16, attn.to_q.in_features, generator=torch.Generator().manual_seed(4)).to(dtype)
+    seen = []
+    handle = attn.to_out[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        got = attn(x)
+        handle.remove()
+        h = attn.heads
+        q, k, v = (getattr(attn, n)(x).double().view(2 * FRAMES, 16, h, -1).transpose(1, 2)
+                   for n in ("to_q", "to_k", "to_v"))
+        exact = _dense(q, k, v, FRAMES, 1, attn.scale, "concat", 0.6).transpose(1, 2).reshape(2 * FRAMES, 16, -1)
+    assert got.dtype == dtype
+    if dtype == torch.float64:
+        torch.testing.assert_close(seen[0], exact, rtol=1e-10, atol=1e-10)
+    else:
+        assert_rounded_from_exact(seen[0], exact)
+    dx.unpatch(pipe)
+
+
 def _hook_count(model):
     return sum(len(m._forward_hooks) for m in faac.motion_modules(model))
 
@@ -205,8 +260,11 @@ def test_lifecycle_options_are_typed_and_validated(pipe):
     assert options["num_frames"].default is None
     assert parse_options(["image_model_anchor=false", "control_anchor=yes", "num_frames=8"], "anchor_frame") == \
         {"image_model_anchor": False, "control_anchor": True, "num_frames": 8}
+    for frames in (1, 1024):   # the ends of the range
+        assert dx.patch(pipe, "anchor_frame", num_frames=frames, anchor=0).options["num_frames"] == frames
+        dx.unpatch(pipe)
     for bad in (dict(image_model_anchor="yes"), dict(control_anchor=1), dict(num_frames=0), dict(num_frames=2.5),
-                dict(num_frames=True)):
+                dict(num_frames=True), dict(num_frames=1025)):
         with pytest.raises(OptionError, match=next(iter(bad))):
             dx.patch(pipe, "anchor_frame", **bad)
     with pytest.raises(OptionError, match="outside a video of 4"):  # checked at patch time when frames are known
