@@ -133,10 +133,12 @@ def key_instance_norm(k: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     return (centred * torch.rsqrt(var + eps)).to(k.dtype)
 
 
-def silu_derivative(z: torch.Tensor, sig: torch.Tensor | None = None) -> torch.Tensor:
-    """d SiLU(z) / dz = sigmoid(z) (1 + z (1 - sigmoid(z)))."""
+def silu_derivative(z: torch.Tensor, sig: torch.Tensor | None = None, silu: torch.Tensor | None = None) -> torch.Tensor:
+    """d SiLU(z) / dz = sigmoid(z) (1 + z (1 - sigmoid(z))) = sig + SiLU(z) (1 - sig); `sig` = sigmoid(z) and
+    `silu` = z sig when the caller has them (two passes then instead of four)."""
     sig = torch.sigmoid(z) if sig is None else sig
-    return sig * (1.0 + z * (1.0 - sig))
+    silu = z * sig if silu is None else silu
+    return torch.addcmul(sig, silu, 1.0 - sig)
 
 
 def ttt_inner_step(k: torch.Tensor, v: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: float):
@@ -150,16 +152,17 @@ def ttt_inner_step(k: torch.Tensor, v: torch.Tensor, w1: torch.Tensor, w2: torch
     Computed and returned at least in fp32: fp16 / bf16 inputs are upcast, because the update is small
     against W (|G| / |W| ~ 3e-3 at N = 16K with the 0.02 init, below bf16's resolution of W) and e's
     scale / N is below fp16's normal range; fp32 and fp64 inputs compute in their own dtype.
+    k and v are made contiguous once (the heads of a projection are a strided view; each matmul would
+    copy them again), and e is formed in place (one buffer for a W2 - v and its scaling).
     """
     work = upcast_dtype(k.dtype)
-    k, v, w1, w2 = (x.to(work) for x in (k, v, w1, w2))
-    num_tokens = k.shape[-2]
+    k, v, w1, w2 = (x.to(work).contiguous() for x in (k, v, w1, w2))
     z = k @ w1
     sig = torch.sigmoid(z)
     a = z * sig
-    e = (a @ w2 - v) * (scale / num_tokens)
+    e = (a @ w2).sub_(v).mul_(scale / k.shape[-2])
     grad_w2 = a.transpose(-1, -2) @ e
-    grad_w1 = k.transpose(-1, -2) @ ((e @ w2.transpose(-1, -2)) * silu_derivative(z, sig))
+    grad_w1 = k.transpose(-1, -2) @ ((e @ w2.transpose(-1, -2)) * silu_derivative(z, sig, a))
     return w1 - grad_w1, w2 - grad_w2
 
 
@@ -324,7 +327,7 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
 # =====================================================================================================
 
 NEIGHBORHOOD_TILE = 4           # queries per tile side (4 x 4 tiles: the least wasted logits on CPU)
-NEIGHBORHOOD_CPU_CHUNK = 1 << 20  # logits per step on the CPU (cache-sized); elsewhere all at once
+NEIGHBORHOOD_CPU_CHUNK = 1 << 17  # logits per step on the CPU (512 KB fp32: a chunk's logits stay in a core's L2)
 
 
 def _neighborhood_axis(length: int, kernel_size: int, tile: int, device):
@@ -411,9 +414,9 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gr
         qt = qf[part].index_select(1, query_index).view(-1, num_tiles, per_tile, dim)
         kt = kf[part].index_select(1, key_index).view(-1, num_tiles, region, dim)
         vt = vf[part].index_select(1, key_index).view(-1, num_tiles, region, dim)
-        logits = torch.matmul(qt.to(work) * scale, kt.to(work).transpose(-1, -2))
         chunk_bias = bias if rpb is None else bias[torch.arange(start, start + qt.shape[0], device=q.device) % heads]
-        weights = (logits + chunk_bias).softmax(-1).to(v.dtype)
+        logits = torch.matmul(qt.to(work), kt.to(work).transpose(-1, -2)).mul_(scale).add_(chunk_bias)  # in place
+        weights = logits.softmax(-1).to(v.dtype)
         outs.append(torch.matmul(weights, vt).reshape(-1, num_tiles * per_tile, dim))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.index_select(1, slot).view(batch, heads, tokens, dim).to(q.dtype)

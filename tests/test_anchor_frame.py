@@ -137,6 +137,8 @@ def test_what_it_does_not_replace_is_the_stock_attention(pipe, caplog):
             torch.testing.assert_close(attn(x, encoder_hidden_states=c), stock(attn, x, encoder_hidden_states=c),
                                        rtol=0, atol=0)
             torch.testing.assert_close(attn(x, attention_mask=mask), stock(attn, x, attention_mask=mask), rtol=0, atol=0)
+            both = dict(encoder_hidden_states=c, attention_mask=torch.randn(FRAMES, 1, 5, generator=g))
+            torch.testing.assert_close(attn(x, **both), stock(attn, x, **both), rtol=0, atol=0)
             assert "replaces self-attention only" in caplog.text and "does not take attention masks" in caplog.text
             record.state.num_frames = 1
             torch.testing.assert_close(attn(x[:1]), stock(attn, x[:1]), rtol=0, atol=0)

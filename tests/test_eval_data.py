@@ -5,7 +5,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from diffusers_ext.eval.data import EvalInput, FeatureCache, ImageSet, npz_array, write_images_npz
+from diffusers_ext.eval.data import EvalInput, FeatureCache, ImageSet, default_cache_dir, npz_array, write_images_npz
 from diffusers_ext.eval.scoring import Extractor
 
 
@@ -128,3 +128,15 @@ def test_atomic_writes_honour_the_umask(tmp_path):
     for name in ("a.json", "b.npz"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.npz"]   # no temporary left behind
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    """DIFFUSERS_EXT_CACHE wins, then $XDG_CACHE_HOME/diffusers_ext, then ~/.cache/diffusers_ext; always /fid."""
+    monkeypatch.delenv("DIFFUSERS_EXT_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "diffusers_ext" / "fid"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "diffusers_ext" / "fid"
+    monkeypatch.setenv("DIFFUSERS_EXT_CACHE", str(tmp_path / "own"))
+    assert default_cache_dir() == tmp_path / "own" / "fid"

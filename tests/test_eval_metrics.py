@@ -82,6 +82,10 @@ def test_statistics_round_trip_with_adm_keys(tmp_path):
     for key in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
         np.testing.assert_array_equal(getattr(back, key), getattr(stats, key))
     assert back.num_samples == 50 and back.network == "net-id"
+    # stored types: the sample count an int64, pool features float32 whatever they came in as
+    FIDStatistics(stats.mu, stats.sigma, num_samples=50, pool=x.astype(np.float64)).save(tmp_path / "f64.npz")
+    with np.load(tmp_path / "f64.npz") as data:
+        assert data["num_samples"].dtype == np.int64 and data["pool"].dtype == np.float32
     # An ADM reference batch: only mu / sigma (no sample count); loads, and scores without warnings.
     np.savez(tmp_path / "adm.npz", mu=stats.mu, sigma=stats.sigma)
     adm = EvalInput(tmp_path / "adm.npz").stats
