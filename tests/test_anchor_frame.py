@@ -148,8 +148,8 @@ def test_what_it_does_not_replace_is_the_stock_attention(pipe, caplog):
         dx.unpatch(pipe)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_processor_is_the_dense_equations_on_the_layers_projections(dtype):
+@pytest.mark.parametrize("dtype,frames", [(torch.float64, FRAMES), (torch.float64, 2), (torch.bfloat16, FRAMES)])
+def test_processor_is_the_dense_equations_on_the_layers_projections(dtype, frames):
     """One patched layer against `_dense` on its own q, k, v at a softmax scale other than d^-1/2; in bf16
     with `upcast_attention` the attention runs in fp32 and is rounded once (at the output projection's
     input), within half a bf16 step of the float64 result."""
@@ -157,17 +157,17 @@ def test_processor_is_the_dense_equations_on_the_layers_projections(dtype):
     record = dx.patch(pipe, "anchor_frame", image_model_anchor=False, mode="concat", anchor_weight=0.6, anchor=1)
     attn = pipe.unet.get_submodule(record.sites[0]).to(dtype)
     attn.scale, attn.upcast_attention = 0.7 * attn.scale, True
-    record.state.num_frames = FRAMES
-    x = torch.randn(2 * FRAMES, 16, attn.to_q.in_features, generator=torch.Generator().manual_seed(4)).to(dtype)
+    record.state.num_frames = frames
+    x = torch.randn(2 * frames, 16, attn.to_q.in_features, generator=torch.Generator().manual_seed(4)).to(dtype)
     seen = []
     handle = attn.to_out[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     with torch.no_grad():
         got = attn(x)
         handle.remove()
         h = attn.heads
-        q, k, v = (getattr(attn, n)(x).double().view(2 * FRAMES, 16, h, -1).transpose(1, 2)
+        q, k, v = (getattr(attn, n)(x).double().view(2 * frames, 16, h, -1).transpose(1, 2)
                    for n in ("to_q", "to_k", "to_v"))
-        exact = _dense(q, k, v, FRAMES, 1, attn.scale, "concat", 0.6).transpose(1, 2).reshape(2 * FRAMES, 16, -1)
+        exact = _dense(q, k, v, frames, 1, attn.scale, "concat", 0.6).transpose(1, 2).reshape(2 * frames, 16, -1)
     assert got.dtype == dtype
     if dtype == torch.float64:
         torch.testing.assert_close(seen[0], exact, rtol=1e-10, atol=1e-10)

@@ -586,3 +586,83 @@ def test_weights_saved_before_layout_existed_load_as_gated(pipeline_of, tmp_path
         assert record.options["layout"] == "gated"
     finally:
         dx.unpatch(pipe)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(gate_grid="8x8"), "pair"), (dict(gate_grid=(8, 0)), "positive integers"),
+    (dict(gate_grid=(8, True)), "positive integers"), (dict(gate_grid=(8, 8.0)), "positive integers"),
+    (dict(conv_kernel=0), "conv_kernel"), (dict(conv_kernel=33), "conv_kernel"), (dict(conv_kernel=3.0), "conv_kernel"),
+])
+def test_option_boundaries(options, match):
+    with pytest.raises(ValueError, match=match):
+        dx.patch(tiny_dit_transformer(), "lina", **options)
+
+
+def test_option_forms_and_what_they_build():
+    """gate_grid "auto" = the native grid, a non-square grid gives H*W gate positions, conv_kernel 1 and 31
+    are the ends of its range (the conv is that size), every new parameter in the model's dtype."""
+    model = tiny_dit_transformer().eval().double()
+    assert dx.patch(model, "lina", gate_grid="auto").options["gate_grid"] == (8, 8)
+    proc = dx.patch(model, "lina", gate_grid=(4, 6), conv_kernel=31).processors()["transformer_blocks.1.attn1"]
+    assert proc.key_gate.shape == proc.value_gate.shape == (1, 2, 24, 1)
+    assert proc.conv.conv.weight.shape[-2:] == (31, 31)
+    assert {p.dtype for p in proc.parameters()} == {torch.float64}
+    proc = dx.patch(model, "lina", conv_kernel=1).processors()["transformer_blocks.1.attn1"]
+    assert proc.conv.conv.weight.shape[-2:] == (1, 1)
+    sd3 = tiny_sd3_transformer(sd35=True).eval().double()
+    proc = dx.patch(sd3, "lina", layout="gated", text_gate_tokens=4).processors()["transformer_blocks.0.attn"]
+    assert proc.text_key_gate.shape == (1, sd3.transformer_blocks[0].attn.heads, 4, 1)
+    assert {p.dtype for p in proc.parameters()} == {torch.float64}
+
+
+def test_conv_on_input_needs_matching_widths():
+    """A layer whose input width differs from its inner width: conv_on='input' is refused by name, 'value'
+    works."""
+    from diffusers import DiTTransformer2DModel
+
+    model = DiTTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                  num_attention_heads=2, in_channels=4, out_channels=8, num_embeds_ada_norm=1000)
+    attn = model.transformer_blocks[1].attn1
+    attn.to_q = torch.nn.Linear(16, 24)   # inner width 24 (3 heads of 8) from input width 16
+    attn.to_k, attn.to_v = torch.nn.Linear(16, 24), torch.nn.Linear(16, 24)
+    attn.to_out[0], attn.heads, attn.inner_dim = torch.nn.Linear(24, 16), 3, 24
+    with pytest.raises(ValueError, match=r"transformer_blocks\.1\.attn1: conv_on='input' needs .*\(16\).*\(24\)"):
+        dx.patch(model, "lina", blocks=[1])
+    record = dx.patch(model, "lina", blocks=[1], conv_on="value")
+    assert record.processors()["transformer_blocks.1.attn1"].conv.conv.weight.shape[0] == 24
+
+
+def test_gates_are_computed_per_grid_at_inference():
+    """The inference cache of the gates is keyed by the grid: a call at 12 x 12 after one at 8 x 8 uses the
+    12 x 12 gates (as a fresh patch does), and the 8 x 8 call after it the 8 x 8 ones."""
+    model = tiny_dit_transformer().eval()
+    dx.patch(model, "lina")
+    _randomise(model.transformer_blocks[1].attn1.processor)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    first, big, again = _dit_call(model, 16), _dit_call(model, 24), _dit_call(model, 16)
+    dx.patch(model, "lina")
+    model.load_state_dict(state)
+    torch.testing.assert_close(big, _dit_call(model, 24), rtol=0, atol=0)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("block", [0, 1])
+def test_self_attention_uses_the_eps_option(block):
+    """eps=0.5 (not the default) in the encoder (block 0) and decoder (block 1) blocks of a DiT."""
+    torch.manual_seed(0)
+    model = tiny_dit_transformer().eval().double()
+    record = dx.patch(model, "lina", eps=0.5)
+    attn = model.transformer_blocks[block].attn1
+    proc = attn.processor
+    _randomise(proc)
+    x = torch.randn(2, 64, 16, dtype=torch.float64)
+    record.state.latent_hw = (16, 16)
+    with torch.no_grad():
+        got = attn(x)
+        q, k, v = (_heads(getattr(attn, n)(x), attn.heads) for n in ("to_q", "to_k", "to_v"))
+        if block == 0:
+            ref = attn.to_out[0](_merge(_dense(q, k, v, eps=0.5)))
+        else:
+            local = _conv_tokens(proc.conv, x, (8, 8))
+            ref = attn.to_out[0](_merge(_dense(q, k, v, proc.key_gate, proc.value_gate, eps=0.5)) + local)
+    torch.testing.assert_close(got, ref, **FP64)

@@ -329,3 +329,59 @@ def test_weights_round_trip(tmp_path):
     again = pipe(class_labels=[5], num_inference_steps=2, output_type="latent",
                  generator=torch.Generator().manual_seed(0)).images
     np.testing.assert_allclose(out, again, rtol=1e-5, atol=1e-6)
+
+
+def _run_counts(counts, state, latents, times=None):
+    """Feed the latents of consecutive calls; `times[i]` the call's (step_index, timestep, progress)."""
+    for i, x in enumerate(latents):
+        state.step_index, state.timestep, state.progress = times[i] if times else (i, float(i), i / 10)
+        counts.observe(x)
+        counts.groups(x.shape[0])
+
+
+def test_adaptive_switch_restarts_only_on_a_new_run_and_ignores_corrector_calls():
+    """Window 1, ratio 0.5; sample 1 slows down and switches at step 2. A Heun corrector call (same time and
+    progress) neither restarts nor counts as a step; a new run of the same batch (progress back, or step 0
+    at another time) starts over."""
+    state = FakeState()
+    counts = MediatorCounts(state, (4, 16), None, (0.5,), 1, "l2")
+    zero = torch.zeros(2, 1, 1, 1)
+    x1, x2 = zero + torch.tensor([1.0, 1.0]).view(2, 1, 1, 1), zero + torch.tensor([2.0, 1.1]).view(2, 1, 1, 1)
+    _run_counts(counts, state, [zero, x1, x2])
+    assert counts.levels.tolist() == [0, 1]
+    _run_counts(counts, state, [x2 + 5], times=[(2, 2.0, 0.2)])      # corrector call at step 2: no change counted
+    assert counts.levels.tolist() == [0, 1] and counts._changes == 2
+    _run_counts(counts, state, [x2 + 5.05], times=[(3, 3.0, 0.3)])   # the next step measures from the corrector's latent
+    assert counts.levels.tolist() == [1, 1]
+    _run_counts(counts, state, [zero], times=[(1, 9.0, 0.05)])      # progress went back: a new run
+    assert counts.levels.tolist() == [0, 0]
+    _run_counts(counts, state, [zero, x1], times=[(0, 7.0, 0.0), (0, 8.0, 0.0)])  # step 0 at another time
+    assert counts._changes == 0 and counts._time == 8.0                           # started over: no change
+    # a processor that sees another batch than the tracked one (e.g. a single call) uses the first count
+    assert counts.groups(5) == [(4, None)]
+
+
+def test_adaptive_switch_l2_is_the_euclidean_norm():
+    """Window 1, ratio 0.5: first change (1, 1, 1, 1) has l2 norm 2; a second change (0.9, 0, 0, 0) is below
+    1 and switches (an l3 norm, 4^(1/3) / 2 = 0.79, would not)."""
+    state = FakeState()
+    counts = MediatorCounts(state, (4, 16), None, (0.5,), 1, "l2")
+    x0 = torch.zeros(1, 1, 2, 2)
+    x1 = x0 + 1
+    x2 = x1 + torch.tensor([0.9, 0, 0, 0]).view(1, 1, 2, 2)
+    _run_counts(counts, state, [x0, x1, x2])
+    assert counts.levels.tolist() == [1]
+
+
+def test_dwc_off_and_switch_norm_reach_the_processors():
+    model = tiny_dit_transformer()
+    record = dx.patch(model, "mediator", mediators=(4, 16), switch_ratios=(0.5,), switch_norm="l1", dwc=False)
+    proc = record.processors()["transformer_blocks.0.attn1"]
+    assert proc.dwc is None and proc.counts.norm == "l1"
+    assert dx.patch(model, "mediator", mediators=(4, 16), switch_ratios=(0.5,)).processors()[
+        "transformer_blocks.0.attn1"].counts.norm == "l2"
+    record = dx.patch(model, "mediator", mediators=16, dwc=False)
+    x = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        out = model(x, timestep=torch.tensor([10, 500]), class_labels=torch.tensor([1, 2])).sample
+    assert torch.isfinite(out).all()

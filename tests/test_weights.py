@@ -139,6 +139,16 @@ def test_tensors_that_do_not_fit_are_named(tmp_path):
     assert dx.patch_record(model) is None
 
 
+def test_a_folder_is_created_with_its_parents_and_states_what_it_holds(tmp_path):
+    folder = tmp_path / "runs" / "t5" / "final"
+    model = _t5_folder(folder)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    assert set(config) == {"format", "method", "family", "denoiser", "sites", "options"}
+    assert (config["method"], config["family"], config["denoiser"]) == ("t5", "dit", "DiTTransformer2DModel")
+    assert config["sites"] == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert dx.patch(model, "t5", weights=str(folder)).sites == config["sites"]
+
+
 def test_inherited_weights_load_and_unpatch_restores_the_pretrained_values(tmp_path):
     """A folder with a fine-tuned inherited tensor overwrites it; loading twice keeps the first original;
     unpatch puts every pretrained value back bit for bit (the new parameters are not stashed)."""
