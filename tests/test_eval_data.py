@@ -140,3 +140,87 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "xdg" / "diffusers_ext" / "fid"
     monkeypatch.setenv("DIFFUSERS_EXT_CACHE", str(tmp_path / "own"))
     assert default_cache_dir() == tmp_path / "own" / "fid"
+
+
+class _SummingNetwork:
+    """Stands in for the Inception network: pool = per-channel means and squares, counted calls."""
+
+    id = "fake-net/v1"
+
+    def __init__(self):
+        self.images = 0
+
+    def __call__(self, batch):
+        import torch
+
+        self.images += len(batch)
+        x = torch.as_tensor(batch).float()
+        return {"pool": torch.cat([x.mean((1, 2)), (x * x).mean((1, 2)) / 255], 1)}
+
+
+def _extractor(tmp_path):
+    extractor = Extractor(cache_dir=str(tmp_path / "cache" / "nested"), progress=False, workers=0)
+    extractor._network = _SummingNetwork()
+    return extractor
+
+
+def test_statistics_come_from_the_file_unless_pool_features_are_needed(tmp_path):
+    """An ADM-style npz with images (arr_0) and statistics: the stored statistics are used as they are;
+    with need_pool the pool features are extracted from its images once (then cached), the stored mu /
+    sigma kept; a file whose statistics carry pool features is not read again; images alone give
+    statistics from their features, with the network's id and the sample count, pool kept on request."""
+    from diffusers_ext.eval.metrics import FIDStatistics
+
+    x = _images(12, 8, 8, seed=3)
+    mu, sigma = np.arange(6.0), np.eye(6)
+    np.savez(tmp_path / "ref.npz", arr_0=x, mu=mu, sigma=sigma)
+    extractor = _extractor(tmp_path)
+    stats = extractor.statistics(EvalInput(tmp_path / "ref.npz"))
+    assert extractor.network.images == 0 and stats.pool is None and np.array_equal(stats.mu, mu)
+    stats = extractor.statistics(EvalInput(tmp_path / "ref.npz"), need_pool=True)
+    assert extractor.network.images == 12 and stats.pool.shape == (12, 6) and np.array_equal(stats.mu, mu)
+    extractor.statistics(EvalInput(tmp_path / "ref.npz"), need_pool=True)   # cached features: no new call
+    assert extractor.network.images == 12 and (tmp_path / "cache" / "nested").is_dir()
+
+    FIDStatistics(mu, sigma, pool=stats.pool).save(tmp_path / "with_pool.npz")
+    assert extractor.statistics(EvalInput(tmp_path / "with_pool.npz"), need_pool=True).pool.shape == (12, 6)
+    assert extractor.network.images == 12
+
+    np.savez(tmp_path / "images.npz", arr_0=x)
+    fresh = _extractor(tmp_path / "other")
+    own = fresh.statistics(EvalInput(tmp_path / "images.npz"))
+    assert (own.network, own.num_samples, own.pool) == ("fake-net/v1", 12, None)
+    assert fresh.statistics(EvalInput(tmp_path / "images.npz"), need_pool=True).pool.shape == (12, 6)
+
+
+def test_content_key_tells_folders_apart_and_its_memo_follows_the_content(tmp_path):
+    """Two folders with the same file names, sizes and times but other pixels get different keys (their
+    memo entries are per folder); a file rewritten in place gets a new key."""
+    import os
+
+    from PIL import Image
+
+    index = tmp_path / "index"
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for seed, folder in enumerate(folders):
+        folder.mkdir()
+        Image.fromarray(_images(1, 8, 8, seed=seed)[0]).save(folder / "0.png")
+    size = {f: (f / "0.png").stat().st_size for f in folders}
+    if size[folders[0]] != size[folders[1]]:
+        pytest.skip("the two PNGs compress to different sizes")
+    for folder in folders:
+        os.utime(folder / "0.png", ns=(10**18, 10**18))
+    keys = [ImageSet(f).content_key(index) for f in folders]
+    assert keys[0] != keys[1] and keys == [ImageSet(f).content_key(index) for f in folders]
+    Image.fromarray(_images(1, 8, 8, seed=9)[0]).save(folders[0] / "0.png")
+    assert ImageSet(folders[0]).content_key(index) != keys[0]
+
+
+def test_image_sizes_are_counted(tmp_path):
+    from PIL import Image
+
+    for i, (h, w) in enumerate([(8, 6), (8, 6), (5, 7), (8, 6)]):
+        Image.fromarray(_images(1, h, w, seed=i)[0]).save(tmp_path / f"{i}.png")
+    assert ImageSet(tmp_path).sizes() == {(8, 6): 3, (5, 7): 1}
+    np.savez(tmp_path.parent / "arr.npz", arr_0=_images(4, 5, 3))
+    assert ImageSet(tmp_path.parent / "arr.npz").sizes() == {(5, 3): 4}
