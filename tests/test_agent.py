@@ -166,9 +166,8 @@ def _dense_reference(attn, x, agents_x, k_scale2, k_shortcut, tokens=None):
 
     q, k, v = split(attn.to_q(tokens)), split(attn.to_k(tokens)), split(attn.to_v(tokens))
     a = split(attn.to_q(agents_x))
-    d = q.shape[-1]
-    f = softmax_attention(a, k, v, d**-0.5)
-    o = softmax_attention(q, a, f, d ** (-0.5 * k_scale2)) + k_shortcut * v
+    f = softmax_attention(a, k, v, attn.scale)                       # the layer's scale s (d^-1/2 unless set)
+    o = softmax_attention(q, a, f, attn.scale**k_scale2) + k_shortcut * v
     o = o.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[1], -1).float()
     return attn.to_out[0](o)
 
@@ -176,6 +175,7 @@ def _dense_reference(attn, x, agents_x, k_scale2, k_shortcut, tokens=None):
 def test_processor_pooled_agents_without_merging_matches_dense():
     torch.manual_seed(0)
     attn, site = _site()
+    attn.scale = 0.6 * attn.scale   # not d^-1/2: both stages must use the layer's scale
     _processor(attn, site, (8, 12), agent_source="pool", merge_ratio=0.0, agent_stride=4)
     x = torch.randn(2, 96, 32)
     with torch.no_grad():
@@ -186,15 +186,16 @@ def test_processor_pooled_agents_without_merging_matches_dense():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_processor_merged_agents_and_tokens_matches_dense():
+@pytest.mark.parametrize("merge_ratio", [0.4, 0.0])   # 0: no token merging, the agents still from the matching
+def test_processor_merged_agents_and_tokens_matches_dense(merge_ratio):
     torch.manual_seed(1)
     attn, site = _site()
-    _processor(attn, site, (8, 8), agent_source="merge", merge_ratio=0.4, agent_stride=2, random_dst=False,
+    _processor(attn, site, (8, 8), agent_source="merge", merge_ratio=merge_ratio, agent_stride=2, random_dst=False,
                k_scale2=0.5, k_shortcut=0.1)
     x = torch.randn(1, 64, 32)
     with torch.no_grad():
         out = attn(x)
-        loop = LoopMatch(x[0].double(), destination_positions((8, 8), 2, None, x.device), 0.4)
+        loop = LoopMatch(x[0].double(), destination_positions((8, 8), 2, None, x.device), merge_ratio)
         tokens, agents = loop.merge(x[0].double()), loop.agents(x[0].double(), 0.95)
         merged_out = _dense_reference(attn, x, agents[None].float(), 0.5, 0.1, tokens=tokens[None].float())
         expected = loop.unmerge(merged_out[0])[None]
@@ -204,6 +205,7 @@ def test_processor_merged_agents_and_tokens_matches_dense():
 def test_late_phase_is_token_merged_softmax_attention():
     torch.manual_seed(2)
     attn, site = _site()
+    attn.scale = 0.6 * attn.scale
     _processor(attn, site, (8, 8), agent_phase=False, merge_ratio=0.5, merge_stride=2, random_dst=False)
     x = torch.randn(1, 64, 32)
     with torch.no_grad():
@@ -212,9 +214,23 @@ def test_late_phase_is_token_merged_softmax_attention():
         t = loop.merge(x[0].double())[None].float()
         q, k, v = (attn.to_q(t), attn.to_k(t), attn.to_v(t))
         split = lambda z: z.view(1, -1, 4, 8).transpose(1, 2)  # noqa: E731
-        o = softmax_attention(split(q), split(k), split(v), 8**-0.5).transpose(1, 2).reshape(1, -1, 32)
+        o = softmax_attention(split(q), split(k), split(v), attn.scale).transpose(1, 2).reshape(1, -1, 32)
         expected = loop.unmerge(attn.to_out[0](o)[0])[None]
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_random_destinations_are_seeded_and_differ_from_the_top_left():
+    """random_dst: the cell representatives are drawn (seeded: the same call twice is the same), so the merged
+    output differs from the top-left choice."""
+    torch.manual_seed(4)
+    attn, site = _site()
+    x = torch.randn(1, 64, 32)
+    with torch.no_grad():
+        _processor(attn, site, (8, 8), agent_phase=False, merge_ratio=0.5, merge_stride=2, random_dst=True)
+        drawn = attn(x)
+        assert torch.equal(attn(x), drawn)
+        _processor(attn, site, (8, 8), agent_phase=False, merge_ratio=0.5, merge_stride=2, random_dst=False)
+        assert not torch.allclose(attn(x), drawn)
 
 
 def test_no_merge_outside_agent_steps_is_stock_exactly():
