@@ -174,14 +174,22 @@ def ttt_read(q: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tenso
     return (F.silu(q.to(work) @ w1.to(work)) @ w2.to(work)).to(q.dtype)
 
 
+TTT_CPU_CHUNK = 1 << 20  # elements of q per step on the CPU (4 MB fp32: the step's six (B, h, N, d) buffers
+                         # stay in cache; 1.2x faster than all at once at (64, 4, 1024, 32))
+
+
 def ttt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """TTT attention: learn the inner model on (k, v) by one step, read it with q. Linear in N
     (about 14 N d^2 flops per head against 4 N^2 d for softmax attention); no N x N matrix.
     q (B, h, N, d); k, v (B, h, M, d); w1, w2 (h, d, d) -> (B, h, N, d). Keys are used as given
-    (normalise them first with `key_instance_norm`)."""
-    w1_new, w2_new = ttt_inner_step(k, v, w1, w2, scale)
-    return ttt_read(q, w1_new, w2_new)
+    (normalise them first with `key_instance_norm`). Samples are independent: on the CPU they run a
+    few at a time (`TTT_CPU_CHUNK`)."""
+    per_sample = q[0].numel()
+    step = max(1, TTT_CPU_CHUNK // per_sample) if q.device.type == "cpu" else q.shape[0]
+    outs = [ttt_read(q[i:i + step], *ttt_inner_step(k[i:i + step], v[i:i + step], w1, w2, scale))
+            for i in range(0, q.shape[0], step)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 # =====================================================================================================

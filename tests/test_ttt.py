@@ -39,6 +39,22 @@ def test_ttt_attention_reads_updated_model_and_is_differentiable():
     assert torch.autograd.gradcheck(lambda a, b: ttt_attention(q, k, v, a, b, 0.5), (w1, w2))
 
 
+def test_ttt_attention_in_chunks_of_samples_is_the_same(monkeypatch):
+    """One sample per step (as with a long sequence on the CPU) gives what all samples at once give; keys
+    and values may be longer than the queries (joint attention)."""
+    from diffusers_ext import ops
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 2, 7, 4, dtype=torch.float64, generator=g)
+    k, v = (torch.randn(3, 2, 11, 4, dtype=torch.float64, generator=g) for _ in range(2))
+    w1, w2 = (0.3 * torch.randn(2, 4, 4, dtype=torch.float64, generator=g) for _ in range(2))
+    whole = ttt_attention(q, k, v, w1, w2, 0.7)
+    monkeypatch.setattr(ops, "TTT_CPU_CHUNK", 1)
+    torch.testing.assert_close(ttt_attention(q, k, v, w1, w2, 0.7), whole, rtol=1e-12, atol=1e-12)
+    expected = torch.stack([ops.ttt_read(q[b], *ops.ttt_inner_step(k[b], v[b], w1, w2, 0.7)) for b in range(3)])
+    torch.testing.assert_close(whole, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_key_instance_norm_matches_torch():
     k = 3 + 2 * torch.randn(2, 4, 50, 8)
     ref = F.instance_norm(k.transpose(-1, -2).reshape(2, 32, 50), eps=1.0).reshape(2, 4, 8, 50).transpose(-1, -2)
