@@ -328,7 +328,7 @@ def test_release_start_and_options():
     # the release's conv init: torch's default (random, one draw per conv), not zero
     proc = dx.patch(model, "t5", conv_init="default").denoiser.transformer_blocks[0].attn1.processor
     q_conv, k_conv = proc.q_conv.conv.weight.detach(), proc.k_conv.conv.weight.detach()
-    assert q_conv.abs().min() > 0 and not torch.equal(q_conv, k_conv)
+    assert q_conv.abs().min() > 0 and k_conv.abs().min() > 0 and not torch.equal(q_conv, k_conv)
     # every new parameter follows the model's dtype
     model64 = tiny_dit_transformer().eval().double()
     dx.patch(model64, "t5")
