@@ -145,7 +145,7 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 class _SummingNetwork:
     """Stands in for the Inception network: pool = per-channel means and squares, counted calls."""
 
-    id = "fake-net/v1"
+    id, path, sha1 = "fake-net/v1", "fake.pt", "0"
 
     def __init__(self):
         self.images = 0
@@ -224,3 +224,31 @@ def test_image_sizes_are_counted(tmp_path):
     assert ImageSet(tmp_path).sizes() == {(8, 6): 3, (5, 7): 1}
     np.savez(tmp_path.parent / "arr.npz", arr_0=_images(4, 5, 3))
     assert ImageSet(tmp_path.parent / "arr.npz").sizes() == {(5, 3): 4}
+
+
+def test_report_describes_each_input(tmp_path):
+    """evaluate()'s report names each side's path and kind (statistics / folder / npz images), its image
+    count (the statistics' sample count, else the images') and the network that made its statistics; an
+    unknown metric is refused with the allowed ones."""
+    from PIL import Image
+
+    from diffusers_ext.eval.metrics import FIDStatistics, compute_statistics
+    from diffusers_ext.eval.scoring import evaluate
+
+    x = _images(10, 8, 8, seed=4)
+    (tmp_path / "folder").mkdir()
+    for i, image in enumerate(x[:6]):
+        Image.fromarray(image).save(tmp_path / "folder" / f"{i}.png")
+    np.savez(tmp_path / "images.npz", arr_0=x)
+    feats = np.random.default_rng(0).standard_normal((7, 6))
+    FIDStatistics(*compute_statistics(feats), num_samples=7, network="made-by-x").save(tmp_path / "stats.npz")
+    report = evaluate(tmp_path / "folder", tmp_path / "stats.npz", metrics=("fid",), extractor=_extractor(tmp_path))
+    assert report["samples"] == {"path": str(tmp_path / "folder"), "kind": "folder", "num_images": 6,
+                                 "network": "fake-net/v1"}
+    assert report["reference"] == {"path": str(tmp_path / "stats.npz"), "kind": "statistics", "num_images": 7,
+                                   "network": "made-by-x"}
+    report = evaluate(tmp_path / "images.npz", tmp_path / "folder", metrics=("fid",), extractor=_extractor(tmp_path))
+    assert (report["samples"]["kind"], report["samples"]["num_images"]) == ("npz images", 10)
+    assert report["fid"] is not None and report["fid"] >= 0
+    with pytest.raises(ValueError, match=r"unknown metric\(s\) ffid, kid; choose from fid, sfid, pr, is"):
+        evaluate(tmp_path / "folder", tmp_path / "folder", metrics=("fid", "kid", "ffid"))
