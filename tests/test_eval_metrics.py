@@ -128,3 +128,17 @@ def test_precision_recall_matches_brute_force():
     assert (p, r) == pytest.approx((rp, rr), abs=1.5 / 120)  # at most one borderline point flips in float32
     assert 0.0 < p < 1.0 and 0.0 < r < 1.0
     assert precision_recall(ref, ref) == (1.0, 1.0)
+
+
+def test_statistics_are_float64_and_malformed_ones_are_named():
+    """float32 statistics (as some tools store them) are held in float64, so the distance is computed in
+    float64; a malformed pair names itself."""
+    stats = FIDStatistics(np.zeros(3, np.float32), np.eye(3, dtype=np.float32),
+                          np.zeros(2, np.float32), np.eye(2, dtype=np.float32))
+    assert {a.dtype for a in (stats.mu, stats.sigma, stats.mu_s, stats.sigma_s)} == {np.dtype(np.float64)}
+    with pytest.raises(ValueError, match="mu/sigma"):
+        FIDStatistics(np.zeros(3), np.eye(4))
+    with pytest.raises(ValueError, match="mu_s/sigma_s"):
+        FIDStatistics(np.zeros(3), np.eye(3), np.zeros(2), np.eye(3))
+    with pytest.raises(ValueError, match="mu_s and sigma_s must be given together"):
+        FIDStatistics(np.zeros(3), np.eye(3), np.zeros(2))
