@@ -142,3 +142,48 @@ def test_statistics_are_float64_and_malformed_ones_are_named():
         FIDStatistics(np.zeros(3), np.eye(3), np.zeros(2), np.eye(3))
     with pytest.raises(ValueError, match="mu_s and sigma_s must be given together"):
         FIDStatistics(np.zeros(3), np.eye(3), np.zeros(2))
+
+
+def test_few_samples_warning_starts_where_the_covariance_turns_singular():
+    """N samples give a covariance of rank at most N - 1: singular already at N = D (warned), full rank from
+    N = D + 1 (quiet)."""
+    d = 8
+    for n, singular in ((d, True), (d + 1, False)):
+        x = _features(n, d, 12)
+        assert (np.linalg.matrix_rank(compute_statistics(x)[1]) < d) == singular
+        stats = FIDStatistics(*compute_statistics(x), num_samples=n)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            frechet_distance(stats, stats)
+        assert any(issubclass(w.category, FewSamplesWarning) for w in caught) == singular, n
+
+
+def test_statistics_of_two_samples_in_float64():
+    """Two samples are enough for a covariance; float32 features are accumulated in float64 (float32 sums of
+    values near 1e4 would be off in the 7th digit)."""
+    two = compute_statistics(np.array([[1.0, 2.0], [2.0, 0.0]]))
+    np.testing.assert_array_equal(two[0], [1.5, 1.0])
+    np.testing.assert_allclose(two[1], [[0.5, -1.0], [-1.0, 2.0]], rtol=1e-15)
+    x = (1e4 + np.random.default_rng(3).standard_normal((50, 3))).astype(np.float32)
+    mu, sigma = compute_statistics(x)
+    exact = x.astype(np.float64)
+    assert mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, exact.mean(0), rtol=1e-15)
+    np.testing.assert_allclose(sigma, np.cov(exact.T), rtol=1e-9, atol=1e-12)
+
+
+def test_statistics_on_disjoint_subspaces_give_a_finite_exact_distance():
+    """Samples of a in dimensions 0-3 only, of b in 4-7 only, both rotated alike (both covariances singular,
+    their product zero up to round-off): the square-root term vanishes and FID = |mu_a - mu_b|^2 + tr(sigma_a) + tr(sigma_b), finite
+    (round-off eigenvalues below zero are clipped, not square-rooted)."""
+    rng = np.random.default_rng(7)
+    xa, xb = np.zeros((6, 8)), np.zeros((6, 8))
+    xa[:, :4], xb[:, 4:] = rng.standard_normal((6, 4)), rng.standard_normal((6, 4)) + 1
+    rotation = np.linalg.qr(rng.standard_normal((8, 8)))[0]   # the same rotation of both: no exact zeros left
+    xa, xb = xa @ rotation, xb @ rotation
+    (mu_a, s_a), (mu_b, s_b) = compute_statistics(xa), compute_statistics(xb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FewSamplesWarning)
+        got = frechet_distance(FIDStatistics(mu_a, s_a, num_samples=6), FIDStatistics(mu_b, s_b, num_samples=6))
+    # the square root of round-off (1e-16) eigenvalues is 1e-8: that is the accuracy to expect here
+    assert got == pytest.approx(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b), rel=1e-7)

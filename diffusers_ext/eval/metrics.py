@@ -127,10 +127,10 @@ def compute_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _warn_few(a: FIDStatistics, b: FIDStatistics, dim: int, what: str, stacklevel: int = 3) -> None:
     counts = [s.num_samples for s in (a, b) if s.num_samples is not None]
-    if counts and min(counts) < dim:
+    if counts and min(counts) <= dim:   # N samples give a covariance of rank at most N - 1
         warnings.warn(
-            f"{what}: statistics from {min(counts)} samples, fewer than the {dim} feature dimensions; the covariance "
-            "is singular and the value is biased upward (not comparable with FID-50K)",
+            f"{what}: statistics from {min(counts)} samples, not more than the {dim} feature dimensions; the "
+            "covariance is singular and the value is biased upward (not comparable with FID-50K)",
             FewSamplesWarning, stacklevel=stacklevel,
         )
 
@@ -139,8 +139,8 @@ def frechet_distance(mu1, sigma1=None, mu2=None, sigma2=None) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), float64.
 
     Call as frechet_distance(stats_a, stats_b) with FIDStatistics, or with four arrays.
-    Warns (FewSamplesWarning) when a side has fewer samples than dimensions; raises ValueError
-    only when the statistics are malformed (shapes, NaN/inf).
+    Warns (FewSamplesWarning) when a side has no more samples than dimensions (a singular covariance);
+    raises ValueError only when the statistics are malformed (shapes, NaN/inf).
     """
     if isinstance(mu1, FIDStatistics):
         a, b = mu1, sigma1
@@ -164,7 +164,7 @@ def frechet_distance(mu1, sigma1=None, mu2=None, sigma2=None) -> float:
 def _square_root_factor(sigma: np.ndarray) -> np.ndarray:
     """B (D, r) with B B^T = sigma.
 
-    Cholesky when sigma is positive definite; else (singular: fewer samples than dimensions) LAPACK's
+    Cholesky when sigma is positive definite; else (singular: no more samples than dimensions) LAPACK's
     pivoted Cholesky `dpstrf`, whose rank-r factor is exact up to round-off; `eigh` as a last resort.
     """
     try:
