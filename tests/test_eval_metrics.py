@@ -187,3 +187,17 @@ def test_statistics_on_disjoint_subspaces_give_a_finite_exact_distance():
         got = frechet_distance(FIDStatistics(mu_a, s_a, num_samples=6), FIDStatistics(mu_b, s_b, num_samples=6))
     # the square root of round-off (1e-16) eigenvalues is 1e-8: that is the accuracy to expect here
     assert got == pytest.approx(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b), rel=1e-7)
+
+
+def test_identical_samples_give_a_zero_covariance_and_a_plain_distance():
+    """Every sample the same (sigma = 0, where even the pivoted Cholesky has rank 0): FID is
+    |mu_a - mu_b|^2 + tr(sigma_b), the square-root term zero, nothing NaN."""
+    a = np.tile(np.arange(5.0), (4, 1))
+    b = np.random.default_rng(8).standard_normal((9, 5))
+    (mu_a, s_a), (mu_b, s_b) = compute_statistics(a), compute_statistics(b)
+    assert not s_a.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FewSamplesWarning)
+        for x, y in (((mu_a, s_a), (mu_b, s_b)), ((mu_b, s_b), (mu_a, s_a))):
+            got = frechet_distance(FIDStatistics(*x, num_samples=4), FIDStatistics(*y, num_samples=9))
+            assert got == pytest.approx(((mu_a - mu_b) ** 2).sum() + np.trace(s_b), rel=1e-12)
