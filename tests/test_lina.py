@@ -591,6 +591,7 @@ def test_weights_saved_before_layout_existed_load_as_gated(pipeline_of, tmp_path
 @pytest.mark.parametrize("options,match", [
     (dict(gate_grid="8x8"), "pair"), (dict(gate_grid=(8, 0)), "positive integers"),
     (dict(gate_grid=(8, True)), "positive integers"), (dict(gate_grid=(8, 8.0)), "positive integers"),
+    (dict(gate_grid="ab"), "pair"), (dict(conv_kernel=-1), "conv_kernel"),
     (dict(conv_kernel=0), "conv_kernel"), (dict(conv_kernel=33), "conv_kernel"), (dict(conv_kernel=3.0), "conv_kernel"),
 ])
 def test_option_boundaries(options, match):
@@ -603,6 +604,7 @@ def test_option_forms_and_what_they_build():
     are the ends of its range (the conv is that size), every new parameter in the model's dtype."""
     model = tiny_dit_transformer().eval().double()
     assert dx.patch(model, "lina", gate_grid="auto").options["gate_grid"] == (8, 8)
+    assert dx.patch(model, "lina", gate_grid=(1, 4)).options["gate_grid"] == (1, 4)   # one row is a grid
     proc = dx.patch(model, "lina", gate_grid=(4, 6), conv_kernel=31).processors()["transformer_blocks.1.attn1"]
     assert proc.key_gate.shape == proc.value_gate.shape == (1, 2, 24, 1)
     assert proc.conv.conv.weight.shape[-2:] == (31, 31)

@@ -353,12 +353,14 @@ def test_adaptive_switch_restarts_only_on_a_new_run_and_ignores_corrector_calls(
     assert counts.levels.tolist() == [0, 1] and counts._changes == 2
     _run_counts(counts, state, [x2 + 5.05], times=[(3, 3.0, 0.3)])   # the next step measures from the corrector's latent
     assert counts.levels.tolist() == [1, 1]
+    # a processor that sees another batch than the tracked one (e.g. a single call) uses the first count
+    assert counts.groups(5) == [(4, None)]
+    _run_counts(counts, state, [torch.zeros(3, 1, 1, 1)], times=[(4, 4.0, 0.4)])   # another batch: a new run
+    assert counts.levels.tolist() == [0, 0, 0] and counts._changes == 0
     _run_counts(counts, state, [zero], times=[(1, 9.0, 0.05)])      # progress went back: a new run
     assert counts.levels.tolist() == [0, 0]
     _run_counts(counts, state, [zero, x1], times=[(0, 7.0, 0.0), (0, 8.0, 0.0)])  # step 0 at another time
     assert counts._changes == 0 and counts._time == 8.0                           # started over: no change
-    # a processor that sees another batch than the tracked one (e.g. a single call) uses the first count
-    assert counts.groups(5) == [(4, None)]
 
 
 def test_adaptive_switch_l2_is_the_euclidean_norm():
