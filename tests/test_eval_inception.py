@@ -1,6 +1,7 @@
 """The ADM input pipeline: TF1 bilinear resize against an explicit numpy reference, the shipped network."""
 
 import math
+import re
 import subprocess
 import sys
 
@@ -35,12 +36,19 @@ def _tf1_reference(image, out_h, out_w):
     return out
 
 
-@pytest.mark.parametrize("h,w,out", [(32, 32, 299), (256, 200, 299), (512, 512, 299), (7, 5, 13)])
+@pytest.mark.parametrize("h,w,out", [(32, 32, 299), (256, 200, 299), (512, 512, 299), (7, 5, 13), (7, 5, (13, 4))])
 def test_tf1_resize_matches_explicit_reference(h, w, out):
     rng = np.random.default_rng(h * w)
     image = rng.integers(0, 256, (2, h, w)).astype(np.float64)
-    ours = tf1_resize_bilinear(torch.from_numpy(image)[None], (out, out))[0].numpy()
-    np.testing.assert_allclose(ours, _tf1_reference(image, out, out), rtol=0, atol=1e-3)
+    out_h, out_w = out if isinstance(out, tuple) else (out, out)
+    ours = tf1_resize_bilinear(torch.from_numpy(image)[None], (out_h, out_w))[0].numpy()
+    np.testing.assert_allclose(ours, _tf1_reference(image, out_h, out_w), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 4), (8, 8, 3), (2, 3, 8, 8)])
+def test_preprocess_refuses_what_is_not_nhwc_rgb(shape):
+    with pytest.raises(ValueError, match=re.escape(f"expected images of shape (N, H, W, 3), got {shape}")):
+        preprocess(torch.zeros(shape, dtype=torch.uint8))
 
 
 def test_tf1_resize_known_values_and_identity():
