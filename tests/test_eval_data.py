@@ -252,3 +252,25 @@ def test_report_describes_each_input(tmp_path):
     assert report["fid"] is not None and report["fid"] >= 0
     with pytest.raises(ValueError, match=r"unknown metric\(s\) ffid, kid; choose from fid, sfid, pr, is"):
         evaluate(tmp_path / "folder", tmp_path / "folder", metrics=("fid", "kid", "ffid"))
+
+
+def test_odd_inputs_read_and_written_as_uint8_rgb(tmp_path):
+    """Chunks of another integer type are stored as uint8; a Fortran-ordered array in an npz reads back in
+    its own order; a grey or palette PNG in a folder reads as RGB."""
+    from PIL import Image
+
+    x = _images(5)
+    write_images_npz(tmp_path / "w.npz", [x[:2].astype(np.int64), x[2:]], x.shape)
+    with np.load(tmp_path / "w.npz") as data:
+        assert data["arr_0"].dtype == np.uint8
+        np.testing.assert_array_equal(data["arr_0"], x)
+    fortran = np.asfortranarray(np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    np.savez(tmp_path / "f.npz", arr_0=fortran)
+    np.testing.assert_array_equal(npz_array(tmp_path / "f.npz", "arr_0"), fortran)
+    (tmp_path / "grey").mkdir()
+    grey = np.arange(48, dtype=np.uint8).reshape(6, 8)
+    Image.fromarray(grey).save(tmp_path / "grey" / "0.png")
+    Image.fromarray(grey).convert("P").save(tmp_path / "grey" / "1.png")
+    batch = next(ImageSet(tmp_path / "grey").batches(2, workers=0))
+    assert batch.shape == (2, 6, 8, 3) and batch.dtype == np.uint8
+    np.testing.assert_array_equal(batch[0], np.repeat(grey[..., None], 3, axis=2))
