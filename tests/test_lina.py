@@ -289,12 +289,12 @@ def test_self_processor_matches_dense_reference(conv_on, dtype, tol):
     torch.testing.assert_close(got, ref, **tol)
 
 
-@pytest.mark.parametrize("text_tokens,gate_tokens,gate_grid,gate_resize,conv_on", [
-    ("linear", 3, (6, 6), "interpolate", "input"), ("softmax", 9, (6, 6), "interpolate", "value"),
-    ("linear", 0, (6, 6), "interpolate", "input"),   # ungated text: the text part of the joined gate is 1
-    ("linear", 3, (4, 4), "reset", "value"),         # image gates reset at another grid: the image part is 1
+@pytest.mark.parametrize("text_tokens,gate_tokens,gate_grid,gate_resize,conv_on,grid", [
+    ("linear", 3, (6, 6), "interpolate", "input", (6, 6)), ("softmax", 9, (6, 6), "interpolate", "value", (6, 6)),
+    ("linear", 0, (6, 6), "interpolate", "input", (6, 6)),   # ungated text: the text part of the joined gate is 1
+    ("linear", 3, (4, 4), "reset", "value", (4, 9)),         # image gates reset at another grid: the image part is 1
 ])
-def test_joint_processor_matches_dense_reference(text_tokens, gate_tokens, gate_grid, gate_resize, conv_on):
+def test_joint_processor_matches_dense_reference(text_tokens, gate_tokens, gate_grid, gate_resize, conv_on, grid):
     """Also at an eps and a softmax scale other than the defaults (0.05; 0.7 d^-1/2), so dropping either
     is seen."""
     torch.manual_seed(0)
@@ -306,7 +306,7 @@ def test_joint_processor_matches_dense_reference(text_tokens, gate_tokens, gate_
     proc = attn.processor
     _randomise(proc)
     x, c = torch.randn(2, 36, 32), torch.randn(2, 5, 32)
-    record.state.latent_hw = (6, 6)
+    record.state.latent_hw = grid   # patch size 1: the token grid
     with torch.no_grad():
         got = attn(hidden_states=x, encoder_hidden_states=c)
         h = attn.heads
@@ -319,7 +319,7 @@ def test_joint_processor_matches_dense_reference(text_tokens, gate_tokens, gate_
         if n:
             text_k[:, :, :n], text_v[:, :, :n] = proc.text_key_gate[:, :, :n], proc.text_value_gate[:, :, :n]
         image_k, image_v = proc.key_gate, proc.value_gate
-        if gate_grid != (6, 6):  # "reset": gates of 1 on a grid they were not trained for
+        if gate_grid != grid:  # "reset": gates of 1 on a grid they were not trained for
             image_k, image_v = torch.ones(1, h, 36, 1), torch.ones(1, h, 36, 1)
         gk, gv = torch.cat([image_k, text_k], 2), torch.cat([image_v, text_v], 2)
         keys, values = torch.cat([k, kc], 2), torch.cat([v, vc], 2)
@@ -328,7 +328,7 @@ def test_joint_processor_matches_dense_reference(text_tokens, gate_tokens, gate_
             oc = _dense(qc, keys, values, gk, gv, eps=0.05)
         else:
             oc = torch.softmax(attn.scale * qc @ keys.transpose(-1, -2), -1) @ values
-        local = _conv_tokens(proc.conv, x if conv_on == "input" else _merge(v), (6, 6))
+        local = _conv_tokens(proc.conv, x if conv_on == "input" else _merge(v), grid)
         ref_image = attn.to_out[0](_merge(oi) + local)
         ref_text = attn.to_add_out(_merge(oc))
     torch.testing.assert_close(got[0], ref_image, **FP32)
@@ -668,3 +668,10 @@ def test_self_attention_uses_the_eps_option(block):
             local = _conv_tokens(proc.conv, x, (8, 8))
             ref = attn.to_out[0](_merge(_dense(q, k, v, proc.key_gate, proc.value_gate, eps=0.5)) + local)
     torch.testing.assert_close(got, ref, **FP64)
+
+
+def test_blocks_say_what_they_are():
+    model = tiny_dit_transformer()
+    record = dx.patch(model, "lina")
+    reprs = [repr(p) for p in record.processors().values()]
+    assert "encoder block" in reprs[0] and "decoder block" in reprs[1]
