@@ -427,6 +427,17 @@ def test_block_hooks_installed_per_option_and_removed_exactly(pipeline_of):
     stock = run_denoiser(model, kwargs)
     with dx.patched(pipe, "agent", merge_metric="attention_input"):
         assert _hook_counts(model) == tracked                     # nothing to hand over: no block hooks
+    with dx.patched(pipe, "agent") as record:                     # the default: the block input, no wrapping
+        blocks = {name.rpartition(".")[0] for name in record.sites}
+        assert _hook_counts(model) == {**tracked, **{b: (1, 1) for b in blocks}}
+        run_denoiser(model, kwargs)                               # sets the step and the latent grid
+        block = model.get_submodule(sorted(blocks)[0])
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 256, block.norm1.normalized_shape[0], generator=g)
+        c = torch.randn(2, 7, block.attn2.to_k.in_features, generator=g)
+        with torch.no_grad():   # the block called with keywords reads its input as it does positionally
+            torch.testing.assert_close(block(hidden_states=x, encoder_hidden_states=c),
+                                       block(x, encoder_hidden_states=c), rtol=0, atol=0)
     with dx.patched(pipe, "agent", merge_crossattn=True, merge_mlp=True) as record:
         blocks = {name.rpartition(".")[0] for name in record.sites}
         expected = {**tracked, **{b: (1, 1) for b in blocks},
