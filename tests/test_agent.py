@@ -553,6 +553,7 @@ def test_option_errors():
     with pytest.raises(ValueError, match="at most 0.750, the sources of agent_stride 2"):
         get_method("agent").resolve_options("sd", dict(agent_stride=2, merge_ratio=0.6))
     get_method("agent").resolve_options("sd", dict(agent_ratio=0.71))
+    get_method("agent").resolve_options("sd", dict(agent_stride=2, merge_ratio=0.75, agent_source="pool"))  # the edge
     get_method("agent").resolve_options("sd", dict(agent_ratio=0.5, agent_source="pool"))   # pooled: unused
 
 
