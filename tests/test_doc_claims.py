@@ -26,6 +26,8 @@ CLAIMS = [
      ["test_eval_end_to_end.py::test_fid_command_matches_an_independent_reference"]),
     ("docs/fid.md", "pixel-by-pixel reference of the TF1 formula",
      ["test_eval_inception.py::test_tf1_resize_matches_explicit_reference"]),
+    ("docs/fid.md", "the features are the same, tested",
+     ["test_eval_inception.py::test_batched_extraction_equals_one_by_one"]),
     ("docs/lab.md", "Fixed (on main, tested)",
      ["test_distill.py::test_labelled_data_is_drawn_with_its_own_class",
       "test_contract.py::test_inherited_group_is_every_linear_layer_of_the_patched_sites",
@@ -37,6 +39,9 @@ CLAIMS = [
      ["test_mediator.py::test_adaptive_switch_with_cfg_and_batch_and_unpatch_restores"]),
     ("docs/sit.md", "independent re-implementation of the original forward",
      ["test_sit.py::test_converter_matches_original_network"]),
+    ("docs/testing.md", "`warn_about_sizes` are now tested",
+     ["test_eval_data.py::test_report_describes_each_input",
+      "test_bad_input.py::test_fid_says_when_image_sizes_differ"]),
     ("docs/vca.md", "the start does not depend on lambda",
      ["test_vca.py::test_start_point_is_lambda_free_and_close_to_pooled_attention"]),
 ]
