@@ -136,7 +136,8 @@ def test_what_it_does_not_replace_is_the_stock_attention(pipe, caplog):
         with torch.no_grad():
             torch.testing.assert_close(attn(x, encoder_hidden_states=c), stock(attn, x, encoder_hidden_states=c),
                                        rtol=0, atol=0)
-            torch.testing.assert_close(attn(x, attention_mask=mask), stock(attn, x, attention_mask=mask), rtol=0, atol=0)
+            torch.testing.assert_close(attn(x, attention_mask=mask), stock(attn, x, attention_mask=mask),
+                                       rtol=0, atol=0)
             both = dict(encoder_hidden_states=c, attention_mask=torch.randn(FRAMES, 1, 5, generator=g))
             torch.testing.assert_close(attn(x, **both), stock(attn, x, **both), rtol=0, atol=0)
             assert "replaces self-attention only" in caplog.text and "does not take attention masks" in caplog.text

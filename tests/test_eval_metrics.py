@@ -174,7 +174,8 @@ def test_statistics_of_two_samples_in_float64():
 
 def test_statistics_on_disjoint_subspaces_give_a_finite_exact_distance():
     """Samples of a in dimensions 0-3 only, of b in 4-7 only, both rotated alike (both covariances singular,
-    their product zero up to round-off): the square-root term vanishes and FID = |mu_a - mu_b|^2 + tr(sigma_a) + tr(sigma_b), finite
+    their product zero up to round-off): the square-root term vanishes and
+    FID = |mu_a - mu_b|^2 + tr(sigma_a) + tr(sigma_b), finite
     (round-off eigenvalues below zero are clipped, not square-rooted)."""
     rng = np.random.default_rng(7)
     xa, xb = np.zeros((6, 8)), np.zeros((6, 8))
