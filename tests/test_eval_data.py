@@ -142,25 +142,9 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "own" / "fid"
 
 
-class _SummingNetwork:
-    """Stands in for the Inception network: pool = per-channel means and squares, counted calls."""
-
-    id, path, sha1 = "fake-net/v1", "fake.pt", "0"
-
-    def __init__(self):
-        self.images = 0
-
-    def __call__(self, batch):
-        import torch
-
-        self.images += len(batch)
-        x = torch.as_tensor(batch).float()
-        return {"pool": torch.cat([x.mean((1, 2)), (x * x).mean((1, 2)) / 255], 1)}
-
-
 def _extractor(tmp_path):
     extractor = Extractor(cache_dir=str(tmp_path / "cache" / "nested"), progress=False, workers=0)
-    extractor._network = _SummingNetwork()
+    extractor._network = _CountingNetwork()
     return extractor
 
 
@@ -175,22 +159,23 @@ def test_statistics_come_from_the_file_unless_pool_features_are_needed(tmp_path)
     mu, sigma = np.arange(6.0), np.eye(6)
     np.savez(tmp_path / "ref.npz", arr_0=x, mu=mu, sigma=sigma)
     extractor = _extractor(tmp_path)
+    calls = _CountingNetwork.calls   # one network call per batch of up to 50 images
     stats = extractor.statistics(EvalInput(tmp_path / "ref.npz"))
-    assert extractor.network.images == 0 and stats.pool is None and np.array_equal(stats.mu, mu)
+    assert _CountingNetwork.calls == calls and stats.pool is None and np.array_equal(stats.mu, mu)
     stats = extractor.statistics(EvalInput(tmp_path / "ref.npz"), need_pool=True)
-    assert extractor.network.images == 12 and stats.pool.shape == (12, 6) and np.array_equal(stats.mu, mu)
+    assert _CountingNetwork.calls == calls + 1 and stats.pool.shape == (12, 4) and np.array_equal(stats.mu, mu)
     extractor.statistics(EvalInput(tmp_path / "ref.npz"), need_pool=True)   # cached features: no new call
-    assert extractor.network.images == 12 and (tmp_path / "cache" / "nested").is_dir()
+    assert _CountingNetwork.calls == calls + 1 and (tmp_path / "cache" / "nested").is_dir()
 
     FIDStatistics(mu, sigma, pool=stats.pool).save(tmp_path / "with_pool.npz")
-    assert extractor.statistics(EvalInput(tmp_path / "with_pool.npz"), need_pool=True).pool.shape == (12, 6)
-    assert extractor.network.images == 12
+    assert extractor.statistics(EvalInput(tmp_path / "with_pool.npz"), need_pool=True).pool.shape == (12, 4)
+    assert _CountingNetwork.calls == calls + 1
 
     np.savez(tmp_path / "images.npz", arr_0=x)
     fresh = _extractor(tmp_path / "other")
     own = fresh.statistics(EvalInput(tmp_path / "images.npz"))
     assert (own.network, own.num_samples, own.pool) == ("fake-net/v1", 12, None)
-    assert fresh.statistics(EvalInput(tmp_path / "images.npz"), need_pool=True).pool.shape == (12, 6)
+    assert fresh.statistics(EvalInput(tmp_path / "images.npz"), need_pool=True).pool.shape == (12, 4)
 
 
 def test_content_key_tells_folders_apart_and_its_memo_follows_the_content(tmp_path):
@@ -240,7 +225,7 @@ def test_report_describes_each_input(tmp_path):
     for i, image in enumerate(x[:6]):
         Image.fromarray(image).save(tmp_path / "folder" / f"{i}.png")
     np.savez(tmp_path / "images.npz", arr_0=x)
-    feats = np.random.default_rng(0).standard_normal((7, 6))
+    feats = np.random.default_rng(0).standard_normal((7, 4))   # the stand-in network's 4 pool features
     FIDStatistics(*compute_statistics(feats), num_samples=7, network="made-by-x").save(tmp_path / "stats.npz")
     report = evaluate(tmp_path / "folder", tmp_path / "stats.npz", metrics=("fid",), extractor=_extractor(tmp_path))
     assert report["samples"] == {"path": str(tmp_path / "folder"), "kind": "folder", "num_images": 6,

@@ -127,10 +127,9 @@ def image_paths(folder: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def image_captions(folder: str | os.PathLike) -> list[str] | None:
-    """Each image's caption, the text file beside it with the same name (`cat.png` -> `cat.txt`), in
-    `image_paths` order; None when no image has one. Some captioned, some not: an error."""
-    paths = image_paths(folder)
+def image_captions(paths: list[Path]) -> list[str] | None:
+    """Each image's caption, the text file beside it with the same name (`cat.png` -> `cat.txt`), in the
+    order of `paths` (`image_paths`); None when no image has one. Some captioned, some not: an error."""
     files = [p.with_suffix(".txt") for p in paths]
     if not any(f.is_file() for f in files):
         return None
@@ -310,7 +309,8 @@ class DistillData:
         self.latent_shape = self._latent_shape(latent_size)
         resolution = tuple(s * self._vae_scale() for s in self.latent_shape[-2:])
         folder = config.latents if data is None and config.latents not in ("noise", "trajectory") else None
-        captions = (image_captions(folder) if folder is not None and conditions is None
+        paths = image_paths(folder) if folder is not None else None   # listed once: captions pair with images
+        captions = (image_captions(paths) if paths is not None and conditions is None
                     and family.conditioning == "text" else None)
         self.captioned = captions is not None       # each image drawn with its own caption
         if self.captioned:
@@ -336,8 +336,8 @@ class DistillData:
                 self.clean, self.labels = self.clean[keep], self.labels[keep]
         elif labels is not None:
             raise ValueError("labels name the classes of data: give them with data")
-        elif folder is not None:
-            self.clean = self._encode_images(folder)
+        elif paths is not None:
+            self.clean = self._encode_images(paths)
         else:
             self.clean = None  # x0 ~ N(0, I), or trajectory states
         self.runs = None
@@ -394,13 +394,13 @@ class DistillData:
     # --- clean samples ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _encode_images(self, folder: str) -> torch.Tensor:
+    def _encode_images(self, paths: list[Path]) -> torch.Tensor:
+        """The VAE latents of the images at `paths`, each resized to cover the latent size and centre-cropped."""
         from PIL import Image
 
         vae = getattr(self.pipe, "vae", None)
         if vae is None:
             raise ValueError("training on images needs the pipeline's VAE: pass the pipeline")
-        paths = image_paths(folder)
         height, width = (s * self._vae_scale() for s in self.latent_shape[1:])
         latents = []
         for start in range(0, len(paths), 8):

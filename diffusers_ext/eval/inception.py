@@ -190,17 +190,14 @@ class InceptionNetwork:
                 return {"pool": self.module(x).reshape(len(x), -1).float()}
             out = {}
             for name, layer in self._layers:
-                if name == "mixed_6" and self._mixed_6_branches:
-                    # the layer's own forward (cat of its four branches), with the first branch kept for sFID
-                    first = layer.conv(x)
-                    spatial = first[:, :SPATIAL_CHANNELS]  # (N, 7, 17, 17)
-                    x = torch.cat([first, layer.tower(x), layer.tower_1(x), layer.tower_2(x)], 1)
-                else:
-                    if name == "mixed_6":
-                        spatial = layer.conv(x)[:, :SPATIAL_CHANNELS]
+                if name != "mixed_6":
                     x = layer(x)
-                if name == "mixed_6":
-                    out["spatial"] = spatial.permute(0, 2, 3, 1).reshape(len(x), -1).float()  # NHWC like TF
+                    continue
+                first = layer.conv(x)   # the sFID features: its first 7 channels (N, 7, 17, 17), NHWC like TF
+                out["spatial"] = first[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(x), -1).float()
+                # the layer's own forward, the cat of its four branches, reusing the first
+                x = (torch.cat([first, layer.tower(x), layer.tower_1(x), layer.tower_2(x)], 1)
+                     if self._mixed_6_branches else layer(x))
             out["pool"] = x.reshape(len(x), -1).float()
             return out
 
