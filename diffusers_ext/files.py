@@ -16,6 +16,18 @@ from pathlib import Path
 import numpy as np
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")   # what PIL reads, lower case
+
+
+def image_files(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """The image files of `folder` (`IMAGE_SUFFIXES`, any case), sorted by path; hidden ones (a name
+    starting with ".", e.g. macOS's `._x.png` resource forks) left out; `recursive`: subfolders too."""
+    folder = Path(folder)
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                  and p.is_file())
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

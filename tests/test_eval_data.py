@@ -259,3 +259,36 @@ def test_odd_inputs_read_and_written_as_uint8_rgb(tmp_path):
     batch = next(ImageSet(tmp_path / "grey").batches(2, workers=0))
     assert batch.shape == (2, 6, 8, 3) and batch.dtype == np.uint8
     np.testing.assert_array_equal(batch[0], np.repeat(grey[..., None], 3, axis=2))
+
+
+def test_every_image_folder_reader_lists_the_same_files(tmp_path):
+    """FID folders (recursive), distillation folders and frame folders (one level) read the images PIL
+    reads, any case, in path order, and skip hidden files (macOS `._x.png`) and everything else."""
+    from PIL import Image
+
+    from diffusers_ext.distill.data import image_paths
+    from diffusers_ext.files import IMAGE_SUFFIXES, image_files
+    from pipelines.animatediff_anchor.videos import list_videos, read_clips
+
+    names = ["b.PNG", "a.jpg", "c.bmp", "d.webp", "e.TIFF", "f.jpeg", "g.tif"]
+    for i, name in enumerate(names):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(tmp_path / name, format=Image.registered_extensions()[
+            "." + name.rsplit(".", 1)[1].lower()])
+    (tmp_path / "._a.png").write_bytes(b"\0\5\26\7")          # an AppleDouble file: not an image
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "dir.png").mkdir()                              # a folder with an image's name
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "sub" / "h.png")
+    top = sorted(tmp_path / n for n in names)
+    assert {p.suffix.lower() for p in top} == set(IMAGE_SUFFIXES)
+    assert image_files(tmp_path) == top
+    assert image_paths(tmp_path) == top
+    assert image_files(tmp_path, recursive=True) == sorted(top + [tmp_path / "sub" / "h.png"])
+    source = EvalInput(tmp_path)
+    assert source.images.files == image_files(tmp_path, recursive=True)
+    assert len(source.images) == len(names) + 1
+    assert list_videos(tmp_path) == [tmp_path]                  # a folder of frames is one video
+    clip = read_clips(tmp_path, frames=len(names), stride=1, height=4, width=4)
+    assert clip.shape == (1, len(names), 3, 4, 4)
+    with pytest.raises(ValueError, match="7 frames"):
+        read_clips(tmp_path, frames=len(names) + 1, stride=1, height=4, width=4)

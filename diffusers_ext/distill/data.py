@@ -25,6 +25,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from ..families import Family, get_family
+from ..files import IMAGE_SUFFIXES, image_files
 from .config import DistillConfig
 
 # =====================================================================================================
@@ -116,12 +117,9 @@ class ClassConditions:
         return {"class_labels": labels}
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
 def image_paths(folder: str | os.PathLike) -> list[Path]:
     """The images of a folder, sorted by path."""
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = image_files(folder)
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return paths

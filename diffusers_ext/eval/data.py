@@ -20,11 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_path, atomic_savez, atomic_write_text
+from ..files import IMAGE_SUFFIXES, atomic_path, atomic_savez, atomic_write_text, image_files
 from .metrics import FIDStatistics
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
 
 class ImageSizeWarning(UserWarning):
     """Images of different sizes compared by FID (within one input, or samples against the reference)."""
@@ -121,9 +118,9 @@ class ImageSet:
         self.array: np.ndarray | None = None
         self._sizes: dict[tuple[int, int], int] | None = None
         if self.path.is_dir():
-            self.files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            self.files = image_files(self.path, recursive=True)
             if not self.files:
-                raise ValueError(f"{self.path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+                raise ValueError(f"{self.path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         else:
             self.array = npz_array(self.path, key)
             if self.array.ndim != 4 or self.array.shape[-1] != 3 or self.array.dtype != np.uint8:

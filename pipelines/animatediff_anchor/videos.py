@@ -1,7 +1,7 @@
 """Training clips from a user's videos: read, cut into clips, resize + centre-crop, encode with the VAE.
 
 A video is a `.gif` (PIL), an `.mp4` / `.webm` (OpenCV: `pip install opencv-python`), or a folder of
-frames (`.png` / `.jpg` / `.jpeg` / `.webp`, in name order). `VIDEOS` is one video or a folder of them.
+frames (images, `files.IMAGE_SUFFIXES`, in name order). `VIDEOS` is one video or a folder of them.
 Each video is cut into non-overlapping clips of `frames` frames taken every `stride`-th frame (a clip
 spans (frames - 1) * stride + 1 source frames; a remainder too short for a clip is dropped); every
 frame is resized to cover `height` x `width` and centre-cropped. Captions: a sidecar `<name>.txt`
@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
+from diffusers_ext.files import IMAGE_SUFFIXES, image_files
+
 VIDEO_SUFFIXES = (".gif", ".mp4", ".webm")
-FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_SUFFIX = ".txt"
-ALLOWED = "videos (.gif, .mp4, .webm), folders of frames (.png, .jpg, .jpeg, .webp) and .txt captions"
+ALLOWED = f"videos (.gif, .mp4, .webm), folders of frames ({', '.join(IMAGE_SUFFIXES)}) and .txt captions"
 
 
 @dataclass
@@ -51,7 +52,7 @@ def list_videos(root: str | os.PathLike) -> list[Path]:
         return [root]
     if not root.is_dir():
         raise FileNotFoundError(f"no video or folder of videos at {root}")
-    if _frame_files(root):
+    if image_files(root):
         return [root]  # the folder itself is one video's frames
     videos = []
     for path in sorted(root.iterdir()):
@@ -66,10 +67,6 @@ def list_videos(root: str | os.PathLike) -> list[Path]:
     return videos
 
 
-def _frame_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and not p.name.startswith("."))
-
-
 def clip_span(frames: int, stride: int) -> int:
     """Source frames one clip spans."""
     return (frames - 1) * stride + 1
@@ -80,9 +77,9 @@ def _iter_frames(path: Path):
     from PIL import Image, ImageSequence, UnidentifiedImageError
 
     if path.is_dir():
-        files = _frame_files(path)
+        files = image_files(path)
         if not files:
-            raise ValueError(f"folder {path} has no frames ({', '.join(FRAME_SUFFIXES)})")
+            raise ValueError(f"folder {path} has no frames ({', '.join(IMAGE_SUFFIXES)})")
         for file in files:
             try:
                 with Image.open(file) as image:
@@ -179,7 +176,7 @@ def vae_fingerprint(vae) -> str:
 
 
 def _video_stamp(path: Path) -> str:
-    files = _frame_files(path) if path.is_dir() else [path]
+    files = image_files(path) if path.is_dir() else [path]
     return ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
