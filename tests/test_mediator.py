@@ -387,3 +387,17 @@ def test_dwc_off_and_switch_norm_reach_the_processors():
     with torch.no_grad():
         out = model(x, timestep=torch.tensor([10, 500]), class_labels=torch.tensor([1, 2])).sample
     assert torch.isfinite(out).all()
+
+
+def test_adaptive_switch_measures_bf16_latents_in_fp32():
+    """Window 1, ratio 0.5, bf16 latents: the first change has l2 norm 2, the second
+    sqrt(3 * 0.5^2 + 0.498046875^2) = 0.99903 (all four values exact in bf16), a ratio of 0.49951 that
+    switches. A norm taken in bf16 rounds 0.99903 to 1.0, the ratio to exactly 0.5, and would not switch."""
+    state = FakeState()
+    counts = MediatorCounts(state, (4, 16), None, (0.5,), 1, "l2")
+    x0 = -torch.ones(1, 1, 2, 2, dtype=torch.bfloat16)
+    x1 = torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16)
+    x2 = torch.tensor([0.5, 0.5, 0.5, 0.498046875], dtype=torch.bfloat16).view(1, 1, 2, 2)
+    assert float(torch.linalg.vector_norm((x2 - x1).flatten(1), dim=1)) == 1.0     # what bf16 would see
+    _run_counts(counts, state, [x0, x1, x2])
+    assert counts.levels.tolist() == [1]
