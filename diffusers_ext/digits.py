@@ -281,16 +281,16 @@ def class_accuracy(classifier: DigitClassifier, images: torch.Tensor, labels: to
 def train(output: str | Path = ASSETS, generator_steps: int = 1300, classifier_steps: int = 1500,
           seed: int = 0, progress: bool = True) -> dict:
     """Train the classifier and the generator; write them (safetensors) and `training.json` to `output`."""
-    from safetensors.torch import save_file
+    from .files import save_pretrained, save_safetensors
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     classifier, accuracy = train_classifier(steps=classifier_steps, seed=seed, progress=progress)
-    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(output / "classifier.safetensors"))
+    save_safetensors(classifier.state_dict(), output / "classifier.safetensors")
     classifier_minutes = (time.perf_counter() - start) / 60
     model, record = train_generator(steps=generator_steps, seed=seed, progress=progress)
-    model.save_pretrained(str(output / "transformer"), safe_serialization=True)
+    save_pretrained(model, output / "transformer")
     labels = torch.arange(NUM_CLASSES).repeat_interleave(20)
     samples = generate(make_pipeline(model), labels, seed=seed)
     record = dict(generator=record, classifier=dict(steps=classifier_steps, held_out_accuracy=accuracy,

@@ -107,3 +107,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """`Path(path).write_text(text)`, never half-written."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, never half-written and with an ordinary file's mode (0666 & ~umask;
+    safetensors' own writer leaves 0600). `tensors`: name -> tensor, any layout, on the CPU."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def save_pretrained(model, folder: str | os.PathLike) -> Path:
+    """`model.save_pretrained(folder, safe_serialization=True)` (diffusers / transformers), the files it
+    writes given an ordinary file's mode (0666 & ~umask) instead of the 0600 safetensors leaves."""
+    folder = Path(folder)
+
+    def stamps() -> dict[Path, tuple[int, int]]:
+        return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()} \
+            if folder.is_dir() else {}
+
+    before = stamps()
+    model.save_pretrained(str(folder), safe_serialization=True)
+    for path, stamp in stamps().items():
+        if before.get(path) != stamp:
+            os.chmod(path, 0o666 & ~_umask())
+    return folder
+

@@ -41,9 +41,7 @@ def save_weights(folder: str | Path, denoiser: torch.nn.Module, record, tensors:
     Each file is written atomically, the config last and any old one removed first: a write stopped
     at any moment leaves the old folder, or one without a config (which `read_config` refuses),
     never new tensors beside an old method's options."""
-    from safetensors.torch import save
-
-    from .files import atomic_write_bytes, atomic_write_text
+    from .files import atomic_write_text, save_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -52,9 +50,8 @@ def save_weights(folder: str | Path, denoiser: torch.nn.Module, record, tensors:
         "denoiser": type(denoiser).__name__, "sites": record.sites,
         "options": {k: _jsonable(v) for k, v in record.options.items()},
     }
-    weights = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     (folder / CONFIG_NAME).unlink(missing_ok=True)
-    atomic_write_bytes(folder / WEIGHTS_NAME, weights)
+    save_safetensors({k: v.cpu() for k, v in tensors.items()}, folder / WEIGHTS_NAME)
     atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2))
     return folder
 

@@ -113,21 +113,33 @@ def test_feature_cache_is_keyed_by_content(tmp_path):
 
 
 def test_atomic_writes_honour_the_umask(tmp_path):
-    """Result files get 0666 & ~umask like any file the user writes (mkstemp alone gives 0600)."""
+    """Result files get 0666 & ~umask like any file the user writes (mkstemp alone, and safetensors'
+    own writer, give 0600); a model folder's files too, and files already there keep their mode."""
     import os
     import stat
 
-    from diffusers_ext.files import atomic_savez, atomic_write_text
+    import torch
+    from safetensors.torch import load_file
 
-    old = os.umask(0o022)
+    from diffusers_ext.files import atomic_savez, atomic_write_text, save_pretrained, save_safetensors
+    from diffusers_ext.testing import tiny_dit_transformer
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "notes.txt").write_text("mine")
+    os.chmod(tmp_path / "model" / "notes.txt", 0o600)
+    old = os.umask(0o027)
     try:
         atomic_write_text(tmp_path / "a.json", "{}")
         atomic_savez(tmp_path / "b.npz", x=np.zeros(2))
+        save_safetensors({"w": torch.arange(6.0).view(2, 3).t()}, tmp_path / "c.safetensors", {"k": "v"})
+        save_pretrained(tiny_dit_transformer(), tmp_path / "model")
     finally:
         os.umask(old)
-    for name in ("a.json", "b.npz"):
-        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.npz"]   # no temporary left behind
+    for name in ("a.json", "b.npz", "c.safetensors", "model/config.json", "model/diffusion_pytorch_model.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
+    assert stat.S_IMODE((tmp_path / "model" / "notes.txt").stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.npz", "c.safetensors", "model"]  # no temporaries
+    assert torch.equal(load_file(str(tmp_path / "c.safetensors"))["w"], torch.arange(6.0).view(2, 3).t())
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput
 
-from ..files import _umask
+from ..files import _umask, save_pretrained, save_safetensors
 from .data import CLASSES, NUM_CLASSES, RESOLUTION
 from .models import ClassTokens, GlyphClassifier
 
@@ -211,13 +211,10 @@ def export(runs: str | Path, to: str | Path = ASSETS, *, glyphs=None, statistics
     os.chmod(staging, 0o777 & ~_umask())    # mkdtemp makes it private; the shipped folder is not
     try:
         sit = training.load_weights("dit", runs / "dit")
-        sit.save_pretrained(str(staging / "transformer"), safe_serialization=True)
+        save_pretrained(sit, staging / "transformer")
         wrapped = training.load_weights("unet", runs / "unet")
-        wrapped.unet.save_pretrained(str(staging / "unet"), safe_serialization=True)
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in wrapped.tokens.state_dict().items()},
-                  str(staging / "class_tokens.safetensors"))
+        save_pretrained(wrapped.unet, staging / "unet")
+        save_safetensors(wrapped.tokens.state_dict(), staging / "class_tokens.safetensors")
         shutil.copyfile(runs / "classifier" / "weights.safetensors", staging / "classifier.safetensors")
         glyphs = glyphs if glyphs is not None else load_glyphs()
         if glyphs.fingerprint() != records["dit"]["data_fingerprint"]:

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..digits import interpolant_batch
-from ..files import atomic_path, atomic_write_bytes, atomic_write_text
+from ..files import atomic_path, atomic_write_text, save_safetensors
 from . import models
 from .data import NUM_CLASSES, Glyphs, batch_at, load_glyphs
 
@@ -133,13 +133,6 @@ def _atomic_torch_save(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def _atomic_safetensors(state: dict, path: Path, metadata: dict) -> None:
-    from safetensors.torch import save
-
-    # bytes through `atomic_write_bytes`: the file keeps temp_path's mode (save_file makes it 0600)
-    atomic_write_bytes(path, save({k: v.detach().contiguous() for k, v in state.items()}, metadata=metadata))
-
-
 @torch.no_grad()
 def held_out_accuracy(classifier: nn.Module, glyphs: Glyphs) -> float:
     images, labels = glyphs.split(held_out=True)
@@ -212,7 +205,7 @@ def train(kind: str, out: str | Path, *, minutes: float | None = None, resume: b
                      optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), record=record)
         _atomic_torch_save(state, checkpoint_path)
         weights = (ema if ema is not None else model).state_dict()
-        _atomic_safetensors(weights, out / "weights.safetensors", {"kind": kind, "step": str(record["step"])})
+        save_safetensors(weights, out / "weights.safetensors", {"kind": kind, "step": str(record["step"])})
         atomic_write_text(out / "record.json", json.dumps(record, indent=1) + "\n")
 
     stop = {"signal": False}

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from diffusers_ext.files import save_pretrained
+
 MOTION_KEY = ".motion_modules."
 
 
@@ -65,7 +67,7 @@ def save_motion_adapter(pipe_or_unet, folder: str | os.PathLike) -> Path:
     adapter = motion_adapter_of(pipe_or_unet)
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder))
     try:
-        adapter.save_pretrained(staging, safe_serialization=True)
+        save_pretrained(adapter, staging)
         for path in sorted(staging.iterdir()):
             os.replace(path, folder / path.name)
     finally:

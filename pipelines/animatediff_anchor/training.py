@@ -335,10 +335,10 @@ class MotionTrainer:
         return {name: p.detach() for name, p in self.trained.items()}
 
     def _write_checkpoint(self, folder: Path) -> None:
-        from safetensors.torch import save_file
+        from diffusers_ext.files import save_safetensors
 
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous().cpu() for k, v in self.trained_tensors().items()}, str(folder / TRAINED_NAME))
+        save_safetensors({k: v.cpu() for k, v in self.trained_tensors().items()}, folder / TRAINED_NAME)
 
     def _read_checkpoint(self, folder: Path) -> None:
         from safetensors.torch import load_file

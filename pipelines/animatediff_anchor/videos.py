@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from diffusers_ext.files import IMAGE_SUFFIXES, image_files
+from diffusers_ext.files import IMAGE_SUFFIXES, image_files, save_safetensors
 
 VIDEO_SUFFIXES = (".gif", ".mp4", ".webm")
 CAPTION_SUFFIX = ".txt"
@@ -200,9 +200,7 @@ def load_clips(vae, videos: str | os.PathLike, *, frames: int, stride: int = 1, 
 
     Every video's caption is checked before any video is read. With several processes
     only the main one writes the cache (the others encode for themselves; call them after it)."""
-    from safetensors.torch import load_file, save_file
-
-    from diffusers_ext.files import atomic_path
+    from safetensors.torch import load_file
 
     if frames < 2 or stride < 1:
         raise ValueError(f"clips need frames >= 2 and stride >= 1, got {frames} and {stride}")
@@ -222,8 +220,7 @@ def load_clips(vae, videos: str | os.PathLike, *, frames: int, stride: int = 1, 
             z = encode_clips(vae, read_clips(path, frames, stride, height, width))
             if file is not None and main_process:
                 cache.mkdir(parents=True, exist_ok=True)
-                with atomic_path(file) as tmp:
-                    save_file({"latents": z}, str(tmp))
+                save_safetensors({"latents": z}, file)
         latents.append(z)
         clip_captions += [captions[path]] * z.shape[0]
         span = clip_span(frames, stride)
