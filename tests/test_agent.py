@@ -5,7 +5,8 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers_ext.patching import PatchRecord
+from diffusers_ext.errors import PatchError
+from diffusers_ext.patching import RECORD_ATTRIBUTE, PatchRecord
 from helpers import assert_rounded_from_exact, denoiser_inputs, heads_of, pool_loop, run_denoiser
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
@@ -219,6 +220,28 @@ def test_late_phase_is_token_merged_softmax_attention():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("grid", [(8, 8), (16, 8)])
+def test_agents_not_fewer_than_half_the_tokens_fall_back_to_merged_softmax_attention(grid):
+    """Pooled agents on 2 x 2 cells and half the tokens merged away: as many agents x 2 as tokens
+    left, so agent attention would cost more than it saves and plain attention runs on the merged
+    tokens (AgentSD's rule, 2n < N). On the 16 x 8 grid the cells are 8 x 4: their count is 32, not
+    4 x 4 or 8 x 8."""
+    torch.manual_seed(3)
+    attn, site = _site()
+    _processor(attn, site, grid, agent_source="pool", agent_stride=2, merge_ratio=0.5, random_dst=False)
+    tokens = grid[0] * grid[1]
+    x = torch.randn(1, tokens, 32)
+    with torch.no_grad():
+        out = attn(x)
+        loop = LoopMatch(x[0].double(), destination_positions(grid, 2, None, x.device), 0.5)
+        t = loop.merge(x[0].double())[None].float()
+        assert t.shape[1] == 2 * (grid[0] // 2) * (grid[1] // 2)
+        split = lambda z: z.view(1, -1, 4, 8).transpose(1, 2)  # noqa: E731
+        o = softmax_attention(split(attn.to_q(t)), split(attn.to_k(t)), split(attn.to_v(t)), attn.scale)
+        expected = loop.unmerge(attn.to_out[0](o.transpose(1, 2).reshape(1, -1, 32))[0])[None]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_random_destinations_are_seeded_and_differ_from_the_top_left():
     """random_dst: the cell representatives are drawn (seeded: the same call twice is the same), so the merged
     output differs from the top-left choice."""
@@ -427,6 +450,12 @@ def test_block_hooks_installed_per_option_and_removed_exactly(pipeline_of):
     stock = run_denoiser(model, kwargs)
     with dx.patched(pipe, "agent", merge_metric="attention_input"):
         assert _hook_counts(model) == tracked                     # nothing to hand over: no block hooks
+    for wrapped in ("attn2", "ff"):                               # one kind of merging needs the hooks
+        options = {"merge_crossattn": wrapped == "attn2", "merge_mlp": wrapped == "ff"}
+        with dx.patched(pipe, "agent", merge_metric="attention_input", **options) as record:
+            blocks = {name.rpartition(".")[0] for name in record.sites}
+            assert _hook_counts(model) == {**tracked, **{b: (1, 1) for b in blocks},
+                                           **{f"{b}.{wrapped}": (1, 1) for b in blocks}}
     with dx.patched(pipe, "agent") as record:                     # the default: the block input, no wrapping
         blocks = {name.rpartition(".")[0] for name in record.sites}
         assert _hook_counts(model) == {**tracked, **{b: (1, 1) for b in blocks}}
@@ -468,6 +497,20 @@ def test_block_input_needs_the_block_and_mlp_merging_refuses_chunking():
     with pytest.raises(RuntimeError, match="merge_metric='block_input' needs the input of the transformer block"):
         with torch.no_grad():
             attn(torch.randn(1, 64, 32))
+    for container in (False, True):    # a self-attention whose parent is not a transformer block (no norm1)
+        unet = tiny_sd_unet().eval()
+        block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+        if container:                    # the layer moved into a plain container
+            holder = torch.nn.Module()
+            holder.attn1 = block.attn1
+            del block.attn1
+            block.holder = holder
+        else:
+            del block.norm1
+        with pytest.raises(PatchError, match="need the transformer block"):
+            dx.patch(unet, "agent")
+        assert not hasattr(unet, RECORD_ATTRIBUTE) and all(
+            type(m.processor).__module__.startswith("diffusers.") for m in unet.modules() if hasattr(m, "processor"))
     unet = tiny_sd_unet().eval()
     for module in unet.modules():
         if hasattr(module, "set_chunk_feed_forward"):
