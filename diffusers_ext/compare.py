@@ -1,6 +1,7 @@
 r"""`diffusers-ext compare`: the stock and the patched pipeline from the same seed, side by side.
 
-    diffusers-ext compare                                  # offline: the shipped digits SiT, mediators
+    diffusers-ext compare                                  # offline: the shipped glyph UNet, ToDo
+    diffusers-ext compare --model digits                   # the shipped digits SiT, mediators
     diffusers-ext compare --model tiny:sd                  # an embedded tiny SD pipeline, agent attention
     diffusers-ext compare --model runwayml/stable-diffusion-v1-5 --method agent --steps 50 \
         --prompt "a photo of an astronaut riding a horse" --option agent_steps="(0.0, 0.4)"
@@ -23,11 +24,12 @@ import torch
 
 from .argtypes import finite_float, positive_int
 from .families import families, family_of, find_denoiser
+from .loading import EMBEDDED, SHIPPED_MODELS, embedded_method
 from .pipeline_io import DenoiserTimer, call_kwargs, check_conditions, default_class_labels, images_of, recipe
 from .registry import all_methods, parse_options, split_option_pairs
 from .steps import partial_run
 
-DEFAULT_MODEL = "digits"
+DEFAULT_MODEL = "glyphs-unet"   # the lab UNet with ToDo: a speed-up at stock quality (docs/lab.md)
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 DEFAULT_STEPS = 20   # for models without a recipe (`pipeline_io.recipe`)
 
@@ -151,7 +153,8 @@ def compare(model: str = DEFAULT_MODEL, method: str | None = None, options: dict
     """Generate with the stock and the patched pipeline; returns a summary dict (and writes `out`,
     and the summary as JSON to `json_out`).
 
-    method None: the model family's default (`Family.default_method`); prompt None: `DEFAULT_PROMPT`
+    method None: the embedded model's own (`ShippedModel.method`: ToDo for the default, the lab UNet), else
+    the model family's default (`Family.default_method`); prompt None: `DEFAULT_PROMPT`
     for text models (a prompt for a class-conditional model is an error, as a class label for a text
     model); class_label None: `default_class_labels`; steps / guidance None: the model's recipe
     (`pipeline_io.recipe`), else `DEFAULT_STEPS` and the pipeline's guidance. options: typed values,
@@ -175,7 +178,7 @@ def compare(model: str = DEFAULT_MODEL, method: str | None = None, options: dict
     pipe = load_pipeline(model, dtype=dtype, device=device)
     check_conditions(pipe, prompt="--prompt" if prompt is not None else None,
                      class_label="--class-label" if class_label is not None else None)
-    method = method or default_method(pipe)
+    method = method or embedded_method(model) or default_method(pipe)
     if texts is not None:
         options = parse_options(texts, method)
     labels = default_class_labels(pipe) if class_label is None else class_label
@@ -202,20 +205,23 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"hub id, local pipeline folder, digits or tiny:<family> (default {DEFAULT_MODEL}, "
-                             "the shipped digits SiT, offline)")
+                        help=f"hub id, local pipeline folder, an embedded model ({', '.join(EMBEDDED)}) or "
+                             f"tiny:<family> (default {DEFAULT_MODEL}, the lab's glyph UNet, offline)")
     parser.add_argument("--method", default=None, choices=list(all_methods()),
-                        help="default per model family: "
+                        help="default: the embedded model's own ("
+                             + ", ".join(f"{name} {m.method}" for name, m in SHIPPED_MODELS.items() if m.method)
+                             + "), else per model family: "
                              + ", ".join(f"{f.name} {f.default_method}" for f in families().values()))
     parser.add_argument("--option", action="append", metavar="KEY=VALUE",
                         help="method option, repeatable; each read by its kind (`diffusers-ext methods` lists them)")
     parser.add_argument("--prompt", default=None,
                         help=f"text-to-image pipelines (default {DEFAULT_PROMPT!r}); an error for class-conditional ones")
     parser.add_argument("--class-label", type=int, default=None,
-                        help="class for class-conditional pipelines (default: every digit once for the digits "
-                             "model, 207 for ImageNet ones); an error for text-to-image ones")
+                        help="class for class-conditional pipelines (default: the model's showcase, e.g. "
+                             "'DIFFUSERS' for the glyph models, every digit once for the digits model, 207 for "
+                             "ImageNet ones); an error for text-to-image ones")
     parser.add_argument("--steps", type=positive_int, default=None,
-                        help=f"denoising steps (default: the model's recipe, e.g. 12 for digits; else {DEFAULT_STEPS})")
+                        help=f"denoising steps (default: the model's recipe, e.g. 25 for glyphs-unet; else {DEFAULT_STEPS})")
     parser.add_argument("--guidance-scale", type=finite_float, default=None)
     parser.add_argument("--height", type=positive_int, default=None)
     parser.add_argument("--width", type=positive_int, default=None)

@@ -21,12 +21,14 @@ TINY_PREFIX = "tiny:"
 @dataclass(frozen=True)
 class ShippedModel:
     """A trained model shipped inside the package: its family, its loader and its recipe, as
-    "module:attribute" paths (imported only when used)."""
+    "module:attribute" paths (imported only when used), and the method `compare` and the app start
+    from (None: the family's `default_method`)."""
 
     family: str
     loader: str        # (dtype=...) -> the pipeline
     recipe: str        # the call arguments the model recommends (steps, guidance, sampler)
     description: str
+    method: str | None = None
 
     def attribute(self, path: str):
         module, name = path.split(":")
@@ -42,7 +44,9 @@ SHIPPED_MODELS = {
     "glyphs-unet": ShippedModel("sd", "diffusers_ext.lab.pipelines:glyph_unet_pipeline",
                                  "diffusers_ext.lab.pipelines:UNET_SAMPLING",
                                  "the lab II UNet (SD 1.x layout) trained here on the same glyphs (1024 tokens at "
-                                 "its finest self-attention)"),
+                                 "its finest self-attention)",
+                                 # the lab study's one method at stock quality with a speed-up on it (docs/lab.md)
+                                 method="todo"),
 }
 EMBEDDED = tuple(SHIPPED_MODELS)
 
@@ -54,6 +58,11 @@ def embedded_family(model: str) -> str | None:
 
         return TINY_FAMILIES.get(model[len(TINY_PREFIX):])
     return SHIPPED_MODELS[model].family if model in SHIPPED_MODELS else None
+
+
+def embedded_method(model: str) -> str | None:
+    """The method an embedded trained model is shown with (`ShippedModel.method`); None for others."""
+    return SHIPPED_MODELS[model].method if model in SHIPPED_MODELS else None
 
 
 def embedded_recipe(model: str) -> dict:

@@ -58,7 +58,7 @@ def test_shipped_model_draws_the_requested_digits(classifier):
     assert samples.shape == (30, 1, 16, 16)
     accuracy = digits.class_accuracy(classifier, samples, labels)
     assert accuracy >= 0.8, accuracy                                         # chance is 0.1
-    # the shipped default of `diffusers-ext compare` and the app
+    # the app's preselected model
     from diffusers_ext.loading import load_pipeline
 
     loaded = load_pipeline("digits")
@@ -114,12 +114,12 @@ def test_distillation_on_the_training_digits(data):
     dx.unpatch(pipe)
 
 
-def test_compare_defaults_to_the_digits_and_their_family_method(tmp_path):
+def test_compare_on_the_digits_uses_their_family_method(tmp_path):
     from PIL import Image
 
     from diffusers_ext.compare import compare
 
-    summary = compare(steps=2, out=str(tmp_path / "side.png"), warmup=False)
+    summary = compare("digits", steps=2, out=str(tmp_path / "side.png"), warmup=False)
     assert summary["model"] == "digits" and summary["pipeline"] == "SiTPipeline"
     assert summary["method"] == "mediator" and summary["speedup"] > 0
     image = Image.open(tmp_path / "side.png")

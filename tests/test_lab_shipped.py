@@ -79,3 +79,23 @@ def test_shipped_statistics_recomputed_from_the_data(glyphs, tmp_path):
     with np.load(fresh) as new, np.load(pipelines.ASSETS / pipelines.STATISTICS_FILE) as shipped:
         np.testing.assert_allclose(new["mu"], shipped["mu"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(new["sigma"], shipped["sigma"], rtol=1e-3, atol=1e-5)
+
+
+def test_compare_defaults_to_the_glyph_unet_with_todo(tmp_path):
+    """`diffusers-ext compare` with nothing given: the lab UNet, ToDo (its ShippedModel.method, the study's
+    method at stock quality with a speed-up), its recipe and showcase; naming a method still wins."""
+    from PIL import Image
+
+    from diffusers_ext.app.runner import suggested_method
+    from diffusers_ext.compare import DEFAULT_MODEL, compare
+    from diffusers_ext.registry import all_methods
+
+    assert DEFAULT_MODEL == "glyphs-unet" and SHIPPED_MODELS[DEFAULT_MODEL].method == "todo"
+    summary = compare(steps=2, out=str(tmp_path / "side.png"), warmup=False)
+    assert summary["model"] == "glyphs-unet" and summary["pipeline"] == "GlyphUNetPipeline"
+    assert summary["method"] == "todo" and summary["speedup"] > 0
+    assert Image.open(tmp_path / "side.png").width > 2 * len("DIFFUSERS") * 32       # the showcase, both runs
+    assert compare(method="agent", steps=1, warmup=False)["method"] == "agent"
+    methods = list(all_methods())
+    assert suggested_method("glyphs-unet", methods) == "todo" and suggested_method("glyphs", methods) == "mediator"
+

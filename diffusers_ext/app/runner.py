@@ -24,7 +24,7 @@ import diffusers_ext as dx
 from diffusers_ext.compare import Comparison, compare_pipeline
 from diffusers_ext.errors import DiffusersExtError
 from diffusers_ext.families import family_of_pipeline_class, get_family
-from diffusers_ext.loading import EMBEDDED, embedded_family, embedded_recipe, load_pipeline
+from diffusers_ext.loading import EMBEDDED, embedded_family, embedded_method, embedded_recipe, load_pipeline
 from diffusers_ext.pipeline_io import DenoiserTimer, call_kwargs, num_classes, pipeline_kind, recipe
 from diffusers_ext.registry import all_methods
 
@@ -274,9 +274,10 @@ class Worker:
 
 
 def suggested_method(model: str | None, methods: list[str]) -> str | None:
-    """The family default (`Family.default_method`) of an embedded model; None for others (not loaded to find out)."""
+    """An embedded model's own method (`ShippedModel.method`), else its family default
+    (`Family.default_method`); None for other models (not loaded to find out)."""
     family = embedded_family(model or "")
-    method = get_family(family).default_method if family else None
+    method = embedded_method(model or "") or (get_family(family).default_method if family else None)
     return method if method in methods else None
 
 
