@@ -111,6 +111,16 @@ def test_feature_cache_is_keyed_by_content(tmp_path):
     with zipfile.ZipFile(next((tmp_path / "cache").glob("features-*.npz"))) as zf:
         assert set(zf.namelist()) == {"pool.npy", "spatial.npy"}
 
+    class OtherNetwork(_CountingNetwork):     # another network file: the same images are extracted anew
+        id = "fake-net/v2"
+
+        def __call__(self, batch):
+            return {k: 2 * v for k, v in super().__call__(batch).items()}
+
+    other = Extractor(cache_dir=tmp_path / "cache", progress=False)
+    other._network = OtherNetwork()
+    np.testing.assert_array_equal(other.features(EvalInput(tmp_path / "a.npz"))["pool"], 2 * changed["pool"])
+
 
 def test_atomic_writes_honour_the_umask(tmp_path):
     """Result files get 0666 & ~umask like any file the user writes (mkstemp alone, and safetensors'
