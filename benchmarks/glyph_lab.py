@@ -63,8 +63,6 @@ SIT_ROWS = {  # name -> (method, options); trainable methods get a training-free
 UNET_ROWS = {  # the speed / quality trade-off of the three training-free UNet methods over their settings
     **{f"agent, merge {r}": ("agent", dict(merge_ratio=r)) for r in (0.2, 0.4, 0.6)},
     "agent, whole run": ("agent", dict(agent_steps=None)),
-    # agent attention alone: pooled agents, no token merging (no matching to pay for), every step
-    "agent, pooled, no merging, whole run": ("agent", dict(agent_source="pool", merge_ratio=0.0, agent_steps=None)),
     **{f"ToDo {f}x{f}": ("todo", dict(factor=f)) for f in (2, 3, 4)},
     **{f"tomesd {r}": ("tomesd", dict(ratio=r)) for r in (0.3, 0.5, 0.7)},
 }
