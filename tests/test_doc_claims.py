@@ -39,9 +39,8 @@ CLAIMS = [
      ["test_mediator.py::test_adaptive_switch_with_cfg_and_batch_and_unpatch_restores"]),
     ("docs/sit.md", "independent re-implementation of the original forward",
      ["test_sit.py::test_converter_matches_original_network"]),
-    ("docs/testing.md", "`warn_about_sizes` are now tested",
-     ["test_eval_data.py::test_report_describes_each_input",
-      "test_bad_input.py::test_fid_says_when_image_sizes_differ"]),
+    ("docs/testing.md", "the network id (now tested)",
+     ["test_eval_data.py::test_feature_cache_is_keyed_by_content"]),
     ("docs/vca.md", "the start does not depend on lambda",
      ["test_vca.py::test_start_point_is_lambda_free_and_close_to_pooled_attention"]),
 ]
