@@ -221,7 +221,8 @@ def register(subparsers) -> None:
                              "'DIFFUSERS' for the glyph models, every digit once for the digits model, 207 for "
                              "ImageNet ones); an error for text-to-image ones")
     parser.add_argument("--steps", type=positive_int, default=None,
-                        help=f"denoising steps (default: the model's recipe, e.g. 25 for glyphs-unet; else {DEFAULT_STEPS})")
+                        help="denoising steps (default: the model's recipe, e.g. 25 for glyphs-unet; "
+                             f"else {DEFAULT_STEPS})")
     parser.add_argument("--guidance-scale", type=finite_float, default=None)
     parser.add_argument("--height", type=positive_int, default=None)
     parser.add_argument("--width", type=positive_int, default=None)

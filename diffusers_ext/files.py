@@ -111,10 +111,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """`safetensors.torch.save_file`, never half-written and with an ordinary file's mode (0666 & ~umask;
-    safetensors' own writer leaves 0600). `tensors`: name -> tensor, any layout, on the CPU."""
+    safetensors' own writer leaves 0600). `tensors`: name -> tensor, any layout or device."""
     from safetensors.torch import save
 
-    atomic_write_bytes(path, save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata))
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
 
 
 def save_pretrained(model, folder: str | os.PathLike) -> Path:
@@ -132,4 +132,3 @@ def save_pretrained(model, folder: str | os.PathLike) -> Path:
         if before.get(path) != stamp:
             os.chmod(path, 0o666 & ~_umask())
     return folder
-
