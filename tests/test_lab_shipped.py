@@ -13,7 +13,7 @@ from diffusers_ext.loading import SHIPPED_MODELS, embedded_family, embedded_reci
 from diffusers_ext.pipeline_io import class_samples, default_class_labels
 
 LAB_MODELS = [name for name in SHIPPED_MODELS if name.startswith("glyphs")]
-MIN_CORRECT = 2   # of 12 (chance: 1 / 3); at their recipes the SiT draws 68 %, the UNet 25 % of 72 samples as asked (docs/lab.md)
+MIN_CORRECT = 2   # of 12 (chance: 1 / 3); at their recipes the SiT draws 68 %, the UNet 25 % as asked (docs/lab.md)
 RECORD = json.loads((pipelines.ASSETS / "training.json").read_text())
 
 
@@ -98,4 +98,3 @@ def test_compare_defaults_to_the_glyph_unet_with_todo(tmp_path):
     assert compare(method="agent", steps=1, warmup=False)["method"] == "agent"
     methods = list(all_methods())
     assert suggested_method("glyphs-unet", methods) == "todo" and suggested_method("glyphs", methods) == "mediator"
-
