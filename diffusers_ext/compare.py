@@ -153,7 +153,7 @@ def compare(model: str = DEFAULT_MODEL, method: str | None = None, options: dict
     """Generate with the stock and the patched pipeline; returns a summary dict (and writes `out`,
     and the summary as JSON to `json_out`).
 
-    method None: the embedded model's own (`ShippedModel.method`: ToDo for the default, the lab UNet), else
+    method None: an embedded model's (`loading.embedded_method`: ToDo for the default, the lab UNet), else
     the model family's default (`Family.default_method`); prompt None: `DEFAULT_PROMPT`
     for text models (a prompt for a class-conditional model is an error, as a class label for a text
     model); class_label None: `default_class_labels`; steps / guidance None: the model's recipe

@@ -61,8 +61,14 @@ def embedded_family(model: str) -> str | None:
 
 
 def embedded_method(model: str) -> str | None:
-    """The method an embedded trained model is shown with (`ShippedModel.method`); None for others."""
-    return SHIPPED_MODELS[model].method if model in SHIPPED_MODELS else None
+    """The method an embedded model is shown with, without building it: a shipped model's own
+    (`ShippedModel.method`), else its family's `default_method`; None for other models."""
+    from .families import get_family
+
+    if model in SHIPPED_MODELS and SHIPPED_MODELS[model].method:
+        return SHIPPED_MODELS[model].method
+    family = embedded_family(model)
+    return get_family(family).default_method if family else None
 
 
 def embedded_recipe(model: str) -> dict:

@@ -51,7 +51,7 @@ def save_weights(folder: str | Path, denoiser: torch.nn.Module, record, tensors:
         "options": {k: _jsonable(v) for k, v in record.options.items()},
     }
     (folder / CONFIG_NAME).unlink(missing_ok=True)
-    save_safetensors({k: v.cpu() for k, v in tensors.items()}, folder / WEIGHTS_NAME)
+    save_safetensors(tensors, folder / WEIGHTS_NAME)
     atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2))
     return folder
 

@@ -274,10 +274,9 @@ class Worker:
 
 
 def suggested_method(model: str | None, methods: list[str]) -> str | None:
-    """An embedded model's own method (`ShippedModel.method`), else its family default
-    (`Family.default_method`); None for other models (not loaded to find out)."""
-    family = embedded_family(model or "")
-    method = embedded_method(model or "") or (get_family(family).default_method if family else None)
+    """The method an embedded model is shown with (`loading.embedded_method`) if it is among `methods`;
+    None for other models (not loaded to find out)."""
+    method = embedded_method(model or "")
     return method if method in methods else None
 
 

@@ -338,7 +338,7 @@ class MotionTrainer:
         from diffusers_ext.files import save_safetensors
 
         folder.mkdir(parents=True, exist_ok=True)
-        save_safetensors({k: v.cpu() for k, v in self.trained_tensors().items()}, folder / TRAINED_NAME)
+        save_safetensors(self.trained_tensors(), folder / TRAINED_NAME)
 
     def _read_checkpoint(self, folder: Path) -> None:
         from safetensors.torch import load_file
