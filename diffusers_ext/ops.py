@@ -105,9 +105,17 @@ class GridDepthwiseConv(nn.Module):
         else:
             self.conv = conv(None)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], residual: bool = False) -> torch.Tensor:
+        """DWConv(x), or x + DWConv(x) with `residual`: one conv whose kernel centre has 1 added (the
+        same sum, without a second pass over x)."""
         image, lead = tokens_to_grid(x, grid)
-        return grid_to_tokens(self.conv(image.to(self.conv.weight.dtype)).to(x.dtype), lead)
+        conv = self.conv
+        weight = conv.weight
+        if residual:
+            centre = conv.kernel_size[0] // 2
+            weight = weight + F.pad(weight.new_ones(1, 1, 1, 1), (centre,) * 4)   # (C, 1, k, k) + delta
+        out = F.conv2d(image.to(weight.dtype), weight, conv.bias, padding=conv.padding, groups=conv.groups)
+        return grid_to_tokens(out.to(x.dtype), lead)
 
 
 # =====================================================================================================
@@ -121,8 +129,10 @@ class GridDepthwiseConv(nn.Module):
 #   o = SiLU(q W1') W2'                                    ttt_attention = step + read-out
 # =====================================================================================================
 
-def key_instance_norm(k: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Instance norm of keys over the tokens, per channel, no affine: (..., N, d) -> (..., N, d).
+def key_instance_norm(k: torch.Tensor, eps: float = 1.0, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Instance norm of keys over the tokens, per channel, no affine: (..., N, d) -> (..., N, d); with
+    `scale` (broadcastable to (..., 1, d)), the norm of the rescaled keys k * scale, computed as
+    (k - mean k) * scale / sqrt(scale^2 var k + eps) (the same value, without a pass to rescale k).
 
     Softmax ignores an offset shared by all keys; the TTT regression does not, so T^5 removes it.
     Statistics at least in fp32 (fp16 / bf16 upcast, fp64 stays fp64; biased variance, as
@@ -130,7 +140,10 @@ def key_instance_norm(k: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     work = k.to(upcast_dtype(k.dtype))
     centred = work - work.mean(dim=-2, keepdim=True)   # two passes: as exact as var_mean, 1.4x-6x faster on CPU
     var = (centred * centred).mean(dim=-2, keepdim=True)
-    return (centred * torch.rsqrt(var + eps)).to(k.dtype)
+    if scale is None:
+        return (centred * torch.rsqrt(var + eps)).to(k.dtype)
+    scale = scale.to(work.dtype)
+    return (centred * (scale * torch.rsqrt(scale * scale * var + eps))).to(k.dtype)
 
 
 def silu_derivative(z: torch.Tensor, sig: torch.Tensor | None = None, silu: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,22 +187,34 @@ def ttt_read(q: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tenso
     return (F.silu(q.to(work) @ w1.to(work)) @ w2.to(work)).to(q.dtype)
 
 
-TTT_CPU_CHUNK = 1 << 20  # elements of q per step on the CPU (4 MB fp32: the step's six (B, h, N, d) buffers
-                         # stay in cache; 1.2x faster than all at once at (64, 4, 1024, 32))
+TTT_CPU_CHUNK = 1 << 19  # elements of q per step on the CPU (2 MB fp32: the step's buffers stay in cache; at
+                         # DiT-XL's 4096 x 72 one head a step, 1.8x faster than a sample a step; at the lab's
+                         # (64, 4, 1024, 32) four samples a step)
 
 
 def ttt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """TTT attention: learn the inner model on (k, v) by one step, read it with q. Linear in N
     (about 14 N d^2 flops per head against 4 N^2 d for softmax attention); no N x N matrix.
-    q (B, h, N, d); k, v (B, h, M, d); w1, w2 (h, d, d) -> (B, h, N, d). Keys are used as given
-    (normalise them first with `key_instance_norm`). Samples are independent: on the CPU they run a
-    few at a time (`TTT_CPU_CHUNK`)."""
-    per_sample = q[0].numel()
-    step = max(1, TTT_CPU_CHUNK // per_sample) if q.device.type == "cpu" else q.shape[0]
-    outs = [ttt_read(q[i:i + step], *ttt_inner_step(k[i:i + step], v[i:i + step], w1, w2, scale))
-            for i in range(0, q.shape[0], step)]
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    q (B, h, N, d); k, v (B, h, M, d); w1, w2 (h, d, d) or (1, d, d) -> (B, h, N, d).
+    Keys are used as given (normalise them first with `key_instance_norm`). Samples and heads are
+    independent: on the CPU they run a few at a time (`TTT_CPU_CHUNK` elements of q a step)."""
+    batch, heads = q.shape[:2]
+    rows = max(1, TTT_CPU_CHUNK // q[0, 0].numel()) if q.device.type == "cpu" else batch * heads
+    if rows >= batch * heads:
+        return ttt_read(q, *ttt_inner_step(k, v, w1, w2, scale))
+    out = torch.empty_like(q)   # q's layout: heads of a projection stay a (B, N, h, d) view, read by merge_heads free
+    if rows >= heads:   # whole samples a step
+        for i in range(0, batch, rows // heads):
+            part = slice(i, i + rows // heads)
+            out[part] = ttt_read(q[part], *ttt_inner_step(k[part], v[part], w1, w2, scale))
+        return out
+    for b in range(batch):   # a few heads of one sample a step
+        for i in range(0, heads, rows):
+            part = slice(i, i + rows)
+            inner = [w if w.shape[0] == 1 else w[part] for w in (w1, w2)]
+            out[b, part] = ttt_read(q[b, part], *ttt_inner_step(k[b, part], v[b, part], *inner, scale))
+    return out
 
 
 # =====================================================================================================
@@ -413,21 +438,19 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gr
                            (dx + last).clamp(0, 2 * last)[None, :, None, :, None, :]]  # (h, ny, nx, ty, tx, ry, rx)
         bias = rel.reshape(heads, num_tiles, per_tile, region) + bias
 
-    rows = batch * heads
-    qf, kf, vf = (x.reshape(rows, tokens, dim) for x in (q, k, v))
-    step = max(1, NEIGHBORHOOD_CPU_CHUNK // (num_tiles * per_tile * region)) if q.device.type == "cpu" else rows
-    outs = []
-    for start in range(0, rows, step):
-        part = slice(start, start + step)
-        qt = qf[part].index_select(1, query_index).view(-1, num_tiles, per_tile, dim)
-        kt = kf[part].index_select(1, key_index).view(-1, num_tiles, region, dim)
-        vt = vf[part].index_select(1, key_index).view(-1, num_tiles, region, dim)
-        chunk_bias = bias if rpb is None else bias[torch.arange(start, start + qt.shape[0], device=q.device) % heads]
-        logits = torch.matmul(qt.to(work), kt.to(work).transpose(-1, -2)).mul_(scale).add_(chunk_bias)  # in place
-        weights = logits.softmax(-1).to(v.dtype)
-        outs.append(torch.matmul(weights, vt).reshape(-1, num_tiles * per_tile, dim))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out.index_select(1, slot).view(batch, heads, tokens, dim).to(q.dtype)
+    out = torch.empty_like(q)   # q's layout: heads of a projection stay a (B, N, h, d) view, read by merge_heads free
+    step = max(1, NEIGHBORHOOD_CPU_CHUNK // (num_tiles * per_tile * region)) if q.device.type == "cpu" else heads
+    for b in range(batch):
+        for start in range(0, heads, step):
+            part = slice(start, start + step)   # heads; each gathers its tiles' queries and key / value regions
+            qt = q[b, part].index_select(1, query_index).view(-1, num_tiles, per_tile, dim)
+            kt = k[b, part].index_select(1, key_index).view(-1, num_tiles, region, dim)
+            vt = v[b, part].index_select(1, key_index).view(-1, num_tiles, region, dim)
+            chunk_bias = bias if rpb is None else bias[part]
+            logits = torch.matmul(qt.to(work), kt.to(work).transpose(-1, -2)).mul_(scale).add_(chunk_bias)  # in place
+            weights = logits.softmax(-1).to(v.dtype)
+            out[b, part] = torch.matmul(weights, vt).view(-1, num_tiles * per_tile, dim).index_select(1, slot)
+    return out
 
 
 # =====================================================================================================

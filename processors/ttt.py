@@ -93,15 +93,16 @@ class TTTAttnProcessor(JointAttentionProcessor):
 
     def _conv_residual(self, conv: GridDepthwiseConv, x: torch.Tensor, grid) -> torch.Tensor:
         """x + DWConv3x3(x) on the grid; x (B, h, N, d)."""
-        return x + split_heads(conv(merge_heads(x), grid), self.heads)
+        return split_heads(conv(merge_heads(x), grid, residual=True), self.heads)
 
     def _image_qk(self, q, k, grid):
         """The TTT branch's image queries and keys: rescaled (with the local branch), keys
         instance-normalised, then the residual grid convs on both."""
+        k_scale = None
         if self.local != "none":
             q = torch.addcmul(self.q_offset.to(q.dtype), q, self.q_scale.to(q.dtype))   # q a_q + b_q, one pass
-            k = k * self.k_scale.to(k.dtype)
-        k = key_instance_norm(k, KEY_NORM_EPS)
+            k_scale = self.k_scale   # k a_k: folded into the norm
+        k = key_instance_norm(k, KEY_NORM_EPS, k_scale)
         return self._conv_residual(self.q_conv, q, grid), self._conv_residual(self.k_conv, k, grid)
 
     def _inner(self, dtype):

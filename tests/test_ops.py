@@ -118,6 +118,9 @@ def test_grid_depthwise_conv_random_init_and_no_bias():
                                                   for di in (-1, 0, 1) for dj in (-1, 0, 1)
                                                   if 0 <= i + di < 2 and 0 <= j + dj < 3)
     close(conv(x, (2, 3)), expected.reshape(6, 2), tol=1e-12)
+    close(conv(x, (2, 3), residual=True), x[0] + expected.reshape(6, 2), tol=1e-12)   # x + DWConv(x), one conv
+    conv5 = ops.GridDepthwiseConv(2, 5, zero_init=False).double()        # the identity sits at the 5 x 5 centre
+    close(conv5(x, (2, 3), residual=True), x + conv5(x, (2, 3)), tol=1e-12)
     assert ops.GridDepthwiseConv(2).conv.kernel_size == (3, 3)           # the default: 3 x 3
     assert ops.GridDepthwiseConv(2, 3, bias=False).conv.bias is None
     assert ops.GridDepthwiseConv(2, 3, zero_init=False, bias=False).conv.bias is None
@@ -129,6 +132,8 @@ def test_key_instance_norm_hand_case():
     close(ops.key_instance_norm(k), [[-0.5**0.5, 0.0], [0.5**0.5, 0.0]])
     close(ops.key_instance_norm(k, eps=3.0), [[-0.5, 0.0], [0.5, 0.0]])
     assert ops.key_instance_norm(k.bfloat16()).dtype == torch.bfloat16
+    # scale: the norm of k * scale; channel 0 times 2 -> (2, 6): mean 4, variance 4 -> (x - 4) / sqrt 5
+    close(ops.key_instance_norm(k, scale=t([2, 3], 1, 2)), [[-2 / 5**0.5, 0.0], [2 / 5**0.5, 0.0]])
 
 
 def test_silu_derivative_hand_case_and_finite_differences():
