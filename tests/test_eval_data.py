@@ -261,6 +261,105 @@ def test_report_describes_each_input(tmp_path):
         evaluate(tmp_path / "folder", tmp_path / "folder", metrics=("fid", "kid", "ffid"))
 
 
+def test_report_fields_unavailable_metrics_and_saved_statistics(tmp_path):
+    """evaluate()'s report, field by field: metrics not asked for stay None and are not called unavailable;
+    sFID, precision and recall are unavailable, with their reasons, against statistics without mu_s / pool
+    features; precision / recall are computed (reference first) against statistics that carry pool
+    features; Inception Score is always unavailable; the network's path and SHA-1, the protocol and the
+    wall time are reported; `save_stats` writes the samples' statistics, with pool features only when
+    precision / recall needed them."""
+    import time
+
+    from PIL import Image
+
+    from diffusers_ext.eval.metrics import (INCEPTION_SCORE_UNAVAILABLE, FIDStatistics, compute_statistics,
+                                            precision_recall)
+    from diffusers_ext.eval.scoring import evaluate
+
+    x = _images(9, 8, 8, seed=5)
+    (tmp_path / "folder").mkdir()
+    for i, image in enumerate(x):
+        Image.fromarray(image).save(tmp_path / "folder" / f"{i}.png")
+    samples_pool = x.reshape(9, -1)[:, :4].astype(np.float64)           # what the stand-in network computes
+    # a tight reference cluster inside spread samples: precision 0, recall 1 (swapped sides would give 1, 0)
+    ref_pool = samples_pool.mean(0) + np.random.default_rng(1).uniform(-5, 5, (8, 4))
+    FIDStatistics(*compute_statistics(ref_pool), num_samples=8).save(tmp_path / "plain.npz")
+    FIDStatistics(*compute_statistics(ref_pool), num_samples=8, pool=ref_pool).save(tmp_path / "pooled.npz")
+
+    start = time.perf_counter()
+    report = evaluate(tmp_path / "folder", tmp_path / "plain.npz", extractor=_extractor(tmp_path),
+                      save_stats=tmp_path / "saved_pr.npz")
+    elapsed = time.perf_counter() - start
+    assert set(report) == {"fid", "sfid", "precision", "recall", "inception_score", "unavailable", "samples",
+                           "reference", "network", "protocol", "warnings", "seconds"}
+    assert report["fid"] > 0 and report["sfid"] is report["precision"] is report["recall"] is None
+    assert report["inception_score"] is None
+    pr_reason = ("not available: needs the Inception features (or images) of both sides, and an input holds "
+                 "only mu/sigma")
+    assert report["unavailable"] == {
+        "sfid": "not available: an input's statistics lack mu_s/sigma_s, or the network file has no mixed_6/conv "
+                "layer",
+        "precision": pr_reason, "recall": pr_reason, "inception_score": INCEPTION_SCORE_UNAVAILABLE}
+    assert report["network"] == {"path": "fake", "sha1": "0"} and report["warnings"] == []
+    assert report["protocol"].startswith("ADM evaluator: TF 2015 Inception pool_3 / mixed_6/conv[:7], TF1 bilinear")
+    assert report["protocol"].endswith("(x-128)/128; Frechet distance via eigh in float64; PR k=3")
+    assert 0 <= report["seconds"] <= elapsed + 5e-4 and report["seconds"] == round(report["seconds"], 3)  # ms
+    with np.load(tmp_path / "saved_pr.npz") as saved:
+        assert "pool" not in saved.files                                  # PR was not possible: no pool kept
+        np.testing.assert_allclose(saved["mu"], samples_pool.mean(0), rtol=1e-6)
+        assert int(saved["num_samples"]) == 9
+
+    report = evaluate(tmp_path / "folder", tmp_path / "pooled.npz", metrics=("fid", "pr"),
+                      extractor=_extractor(tmp_path), save_stats=tmp_path / "saved.npz")
+    assert (report["precision"], report["recall"]) == pytest.approx(precision_recall(ref_pool, samples_pool))
+    assert (report["precision"], report["recall"]) == (0.0, 1.0)
+    assert report["sfid"] is None and report["unavailable"] == {}         # not asked for: not "unavailable"
+    with np.load(tmp_path / "saved.npz") as saved:
+        np.testing.assert_allclose(saved["pool"], samples_pool, rtol=1e-6)
+
+    report = evaluate(tmp_path / "folder", tmp_path / "pooled.npz", metrics=("fid",), extractor=_extractor(tmp_path),
+                      save_stats=tmp_path / "saved_fid.npz")
+    assert report["precision"] is None and report["unavailable"] == {}
+    with np.load(tmp_path / "saved_fid.npz") as saved:
+        assert "pool" not in saved.files                                  # PR not asked for: no pool kept
+
+
+def test_report_keeps_and_reemits_the_size_warning(tmp_path):
+    """A warning evaluate() catches (samples and reference of different sizes) is kept in the report and
+    raised again to the caller, with its own category and text."""
+    from PIL import Image
+
+    from diffusers_ext.eval.data import ImageSizeWarning
+    from diffusers_ext.eval.scoring import evaluate
+
+    for name, size in (("samples", 8), ("reference", 6)):
+        (tmp_path / name).mkdir()
+        for i, image in enumerate(_images(6, size, size, seed=len(name))):
+            Image.fromarray(image).save(tmp_path / name / f"{i}.png")
+    message = "the samples are 8 x 8 images but the reference images are 6 x 6"
+    with pytest.warns(ImageSizeWarning, match=message) as caught:
+        report = evaluate(tmp_path / "samples", tmp_path / "reference", metrics=("fid",),
+                          extractor=_extractor(tmp_path))
+    assert [str(w.message) for w in caught] == report["warnings"] and report["warnings"][0].startswith(message)
+
+
+def test_summary_line_is_the_documented_one():
+    """The `fid` command's one line (docs/fid.md): each metric with its label and precision, 'n/a' for an
+    unavailable one, nothing for one not asked for, '?' for an unknown image count."""
+    from diffusers_ext.eval.scoring import summary_line
+
+    report = {"fid": 2.27123, "sfid": 4.60119, "precision": 0.82714, "recall": 0.575, "inception_score": None,
+              "unavailable": {"inception_score": "reason"},
+              "samples": {"num_images": 50000}, "reference": {"num_images": 10000}}
+    assert summary_line(report) == ("FID 2.2712  sFID 4.6012  precision 0.8271  recall 0.5750  IS n/a  "
+                                    "(50000 samples vs 10000 reference)")
+    report.update(sfid=None, precision=None, recall=None, inception_score=12.34567,
+                  unavailable={"precision": "r", "recall": "r"}, reference={"num_images": None})
+    assert summary_line(report) == "FID 2.2712  precision n/a  recall n/a  IS 12.346  (50000 samples vs ? reference)"
+    report.update(fid=None, inception_score=None, unavailable={"sfid": "r"}, samples={"num_images": None})
+    assert summary_line(report) == "sFID n/a  (? samples vs ? reference)"
+
+
 def test_odd_inputs_read_and_written_as_uint8_rgb(tmp_path):
     """Chunks of another integer type are stored as uint8; a Fortran-ordered array in an npz reads back in
     its own order; a grey or palette PNG in a folder reads as RGB."""
