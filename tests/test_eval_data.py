@@ -304,6 +304,7 @@ def test_report_fields_unavailable_metrics_and_saved_statistics(tmp_path):
     assert report["protocol"].startswith("ADM evaluator: TF 2015 Inception pool_3 / mixed_6/conv[:7], TF1 bilinear")
     assert report["protocol"].endswith("(x-128)/128; Frechet distance via eigh in float64; PR k=3")
     assert 0 <= report["seconds"] <= elapsed + 5e-4 and report["seconds"] == round(report["seconds"], 3)  # ms
+    assert isinstance(report["seconds"], float)
     with np.load(tmp_path / "saved_pr.npz") as saved:
         assert "pool" not in saved.files                                  # PR was not possible: no pool kept
         np.testing.assert_allclose(saved["mu"], samples_pool.mean(0), rtol=1e-6)
@@ -323,6 +324,18 @@ def test_report_fields_unavailable_metrics_and_saved_statistics(tmp_path):
     with np.load(tmp_path / "saved_fid.npz") as saved:
         assert "pool" not in saved.files                                  # PR not asked for: no pool kept
 
+    # statistics on both sides: no network is loaded, and the report says so
+    report = evaluate(tmp_path / "plain.npz", tmp_path / "pooled.npz", metrics=("fid",),
+                      extractor=Extractor(cache_dir=str(tmp_path / "cache"), progress=False, workers=0))
+    assert report["fid"] == pytest.approx(0.0, abs=1e-6) and report["network"] == {"path": None, "sha1": None}
+    # an ADM reference batch (images arr_0 beside mu / sigma, no sample count): its images are counted
+    np.savez(tmp_path / "adm.npz", arr_0=x[:7], mu=ref_pool.mean(0), sigma=np.cov(ref_pool, rowvar=False))
+    report = evaluate(tmp_path / "folder", tmp_path / "adm.npz", metrics=("fid",), extractor=_extractor(tmp_path))
+    assert report["reference"]["kind"] == "statistics" and report["reference"]["num_images"] == 7
+    np.savez(tmp_path / "musigma.npz", mu=ref_pool.mean(0), sigma=np.cov(ref_pool, rowvar=False))   # count unknown
+    report = evaluate(tmp_path / "folder", tmp_path / "musigma.npz", metrics=("fid",), extractor=_extractor(tmp_path))
+    assert report["reference"]["num_images"] is None and report["samples"]["num_images"] == 9
+
 
 def test_report_keeps_and_reemits_the_size_warning(tmp_path):
     """A warning evaluate() catches (samples and reference of different sizes) is kept in the report and
@@ -340,7 +353,25 @@ def test_report_keeps_and_reemits_the_size_warning(tmp_path):
     with pytest.warns(ImageSizeWarning, match=message) as caught:
         report = evaluate(tmp_path / "samples", tmp_path / "reference", metrics=("fid",),
                           extractor=_extractor(tmp_path))
-    assert [str(w.message) for w in caught] == report["warnings"] and report["warnings"][0].startswith(message)
+    assert [str(w.message) for w in caught] == report["warnings"] == [
+        f"{message}; the score then also measures the resizing: compare images of one resolution"]
+    assert caught[0].filename == __file__                                # it points at the caller of evaluate()
+
+    Image.fromarray(_images(1, 5, 7)[0]).save(tmp_path / "samples" / "odd.png")   # now the samples mix sizes
+    with pytest.warns(ImageSizeWarning, match="mix image sizes") as caught:
+        report = evaluate(tmp_path / "samples", tmp_path / "samples", metrics=("fid",),
+                          extractor=_extractor(tmp_path))
+    assert [str(w.message) for w in caught] == report["warnings"] and len(caught) == 2   # samples and reference
+    assert all(str(w.message).endswith("; each is resized to 299 x 299 on its own, so the score compares unlike "
+                                       "images") and w.filename == __file__ for w in caught)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_extractor_refuses_a_missing_device_before_reading_anything():
+    from diffusers_ext.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="'cuda': CUDA is not available on this machine"):
+        Extractor(device="cuda", progress=False)
 
 
 def test_summary_line_is_the_documented_one():
