@@ -134,6 +134,8 @@ def test_key_instance_norm_hand_case():
     assert ops.key_instance_norm(k.bfloat16()).dtype == torch.bfloat16
     # scale: the norm of k * scale; channel 0 times 2 -> (2, 6): mean 4, variance 4 -> (x - 4) / sqrt 5
     close(ops.key_instance_norm(k, scale=t([2, 3], 1, 2)), [[-2 / 5**0.5, 0.0], [2 / 5**0.5, 0.0]])
+    assert ops.key_instance_norm(k.bfloat16(), scale=t([2, 3], 1, 2)).dtype == torch.bfloat16
+    close(ops.key_instance_norm(k[0], scale=t([2, 3], 1, 2)), [[-2 / 5**0.5, 0.0], [2 / 5**0.5, 0.0]])  # 3-D: over N
 
 
 def test_silu_derivative_hand_case_and_finite_differences():
