@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed round-robin rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS)[1:], default=list(VARIANTS)[1:],
+                        help="the methods to time against stock (default: all)")
     harness.add_warmup_argument(parser)
     harness.add_output_argument(parser, harness.RESULTS / "lab_scale")
     harness.add_quick_argument(parser, "batch 2, 1 round")
@@ -50,7 +52,8 @@ def main(argv=None) -> int:
     t = torch.full((args.batch,), 0.5)
     labels = torch.arange(args.batch) % 37
     calls = {}
-    for name, (method, options) in VARIANTS.items():
+    for name in ["stock", *args.variants]:
+        method, options = VARIANTS[name]
         model = glyph_transformer(num_attention_heads=args.width // 32).eval()
         apply(model, method, options, True, 8 * 32)          # latent_hw = 32 x 32 tokens
         calls[name] = lambda model=model: model(x, timestep=t, class_labels=labels).sample

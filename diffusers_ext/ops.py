@@ -325,27 +325,77 @@ def relu_feature_map(x: torch.Tensor) -> torch.Tensor:
 
 
 def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_gate: torch.Tensor | None = None,
-                           value_gate: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+                           value_gate: torch.Tensor | None = None, eps: float = 1e-6,
+                           residual: torch.Tensor | None = None) -> torch.Tensor:
     """Division-normalised ReLU linear attention with a KV gate, computed at `upcast_dtype(q.dtype)`.
 
-    q (B, h, N, d) and k (B, h, M, d) are raw projections (phi is applied here); v (B, h, M, d);
-    key_gate / value_gate broadcastable to (B, h, M, 1) or None (= 1). Returns (B, h, N, d) in q's
-    dtype (computed in fp32 for fp16 / bf16 / fp32, in fp64 for fp64). The memory and normaliser are
-    means over the M keys (LINA's form; keeps fp32 sums of 64K tokens well scaled), so `eps` acts on
-    the mean: O = phi(q) S / (phi(q) . z + eps). Without gates this is LINA's encoder attention.
-    Cost 4 N d^2 + 2 M d^2 flops per head (softmax attention: 4 N M d); no N x M matrix.
-    """
+    q (B, h, N, d) and k (B, h, M, d) are raw projections (phi is applied here); v (B, h, M, e);
+    key_gate / value_gate broadcastable to (B, h, M, 1) or None (= 1). Returns (B, h, N, e) in q's
+    dtype (computed in fp32 for fp16 / bf16 / fp32, in fp64 for fp64), laid out token-major (a
+    (B, N, h, e) tensor seen through a transpose, so merging the heads is free). `residual`
+    ((B, h, N, e) at the work dtype, or None) is added to the result in place and returned (LINA's
+    decoder passes its fresh conv branch: no extra pass, no extra tensor). The memory and normaliser
+    are means over the M keys (LINA's form; keeps fp32 sums of 64K tokens well scaled), so `eps` acts
+    on the mean: O = phi(q) S / (phi(q) . z + eps). Without gates this is LINA's encoder attention.
+    Cost 4 N d e + 2 M d e flops per head (softmax attention: 4 N M d); no N x M matrix.
+
+    Computed without a pass to add phi's 1e-6 or to rescale keys: with X1 = [ReLU(X) | 1] and
+    E = [I ; 1e-6 1^T] ((d + 1) x d), phi(X) = X1 E, so
+        [S | z] = E^T [K1^T (gk gv v) | K1^T gk] / M
+        [num | den] = Q1 (E [S | z]),   O = num / (den + eps)
+    where E^T and E act on the small (d + 1) x (e + 1) memory only; gates of 1 give the ungated result
+    bit for bit. On the CPU a head at a time (each head's q / k / v are strided views, read in place by
+    the matmuls); on other devices all heads at once."""
     dtype = q.dtype
-    work = upcast_dtype(dtype)  # fp32 (fp64 stays fp64)
-    q, k, v = relu_feature_map(q.to(work)), relu_feature_map(k.to(work)), v.to(work)
-    if key_gate is not None:
-        k = k * key_gate.to(work)
+    work = upcast_dtype(dtype)
+    q, k, v = q.to(work), k.to(work), v.to(work)
+    heads, d, num_keys, e = q.shape[1], q.shape[-1], k.shape[-2], v.shape[-1]
+    tensors = (q, k, v, key_gate, value_gate, residual)
+    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    queries, keys = _relu_and_ones(q, differentiable), _relu_and_ones(k, differentiable)   # Q1, K1
+    key_weight = _per_head(key_gate, heads, num_keys, q)                                  # gk (.., h, M, 1)
     if value_gate is not None:
-        v = v * value_gate.to(work)
-    inv_m = 1.0 / k.shape[-2]
-    memory = (k.transpose(-1, -2) * inv_m) @ v                  # S (B, h, d, d)
-    normaliser = k.mean(dim=-2, keepdim=True).transpose(-1, -2)  # z (B, h, d, 1)
-    return ((q @ memory) / (q @ normaliser + eps)).to(dtype)
+        v = v * _per_head(value_gate, heads, num_keys, q)
+    if key_gate is not None:
+        v = v * key_weight
+    parts = []
+    for head in ([slice(i, i + 1) for i in range(heads)] if q.device.type == "cpu" else [slice(None)]):
+        keys_t = keys[:, head].transpose(-1, -2)
+        memory = torch.cat([keys_t @ v[:, head], keys_t @ key_weight[:, head]], -1)      # K1^T [gk gv v | gk]
+        memory = (memory[..., :d, :] + LINEAR_FEATURE_EPS * memory[..., d:, :]) / num_keys   # [S | z]
+        memory = torch.cat([memory, LINEAR_FEATURE_EPS * memory.sum(-2, keepdim=True)], -2)  # E [S | z]
+        both = queries[:, head] @ memory                                       # [num | den]  (.., N, e + 1)
+        parts.append((head, both[..., :e], both[..., e:] + eps))
+    if differentiable:
+        out = torch.cat([num / den for _, num, den in parts], dim=1)
+        return (out if residual is None else residual + out).to(dtype)
+    if residual is None:
+        out = q.new_empty(q.shape[0], q.shape[2], heads, e).transpose(1, 2)
+        for head, num, den in parts:
+            torch.div(num, den, out=out[:, head])
+        return out.to(dtype)
+    for head, num, den in parts:
+        residual[:, head].addcdiv_(num, den)
+    return residual.to(dtype)
+
+
+def _relu_and_ones(x: torch.Tensor, differentiable: bool) -> torch.Tensor:
+    """[ReLU(x) | 1]: (B, h, n, d) -> (B, h, n, d + 1), laid out token-major (B, n, h, d + 1)."""
+    tokens_major = x.transpose(1, 2)
+    if differentiable:
+        return F.pad(F.relu(tokens_major), (0, 1), value=1.0).transpose(1, 2)
+    out = x.new_empty(*tokens_major.shape[:-1], x.shape[-1] + 1)
+    torch.clamp_min(tokens_major, 0, out=out[..., :-1])
+    out[..., -1] = 1
+    return out.transpose(1, 2)
+
+
+def _per_head(gate: torch.Tensor | None, heads: int, tokens: int, like: torch.Tensor) -> torch.Tensor:
+    """A gate broadcastable to (B, h, M, 1) (None: ones) as a (B or 1, h, M, 1) view, at like's dtype.
+    The ones are a real tensor: an expanded scalar would take another matmul kernel (other rounding)."""
+    gate = like.new_ones(1, heads, tokens, 1) if gate is None else gate.to(like.dtype)
+    gate = gate.reshape((1,) * (4 - gate.dim()) + tuple(gate.shape))
+    return gate.expand(gate.shape[0], heads, tokens, 1)
 
 
 # =====================================================================================================

@@ -194,8 +194,9 @@ class LinaAttnProcessor(JointAttentionProcessor):
         if not self.decoder:
             return project_out(attn, gated_linear_attention(q.to(work), k, v, eps=self.eps), x.dtype)
         grid = self.grid_of(x.shape[1])
-        out = gated_linear_attention(q.to(work), k, v, *self._gates(grid), eps=self.eps)
-        return project_out(attn, out + self._local(x, v, grid, work), x.dtype)
+        local = self._local(x, v, grid, work)   # a new tensor: the attention is added into it
+        out = gated_linear_attention(q.to(work), k, v, *self._gates(grid), eps=self.eps, residual=local)
+        return project_out(attn, out, x.dtype)
 
     def joint_attend(self, attn, x: torch.Tensor, c: torch.Tensor):
         """SD3 joint attention: image tokens x (B, N, C), text tokens c (B, M, C_text) ->
