@@ -84,6 +84,14 @@ def pool_on_grid(x: torch.Tensor, grid: tuple[int, int], out_grid: tuple[int, in
     return grid_to_tokens(F.adaptive_avg_pool2d(image, out_grid), lead)
 
 
+def pool_heads_on_grid(x: torch.Tensor, grid: tuple[int, int], out_grid: tuple[int, int]) -> torch.Tensor:
+    """`pool_on_grid` of per-head tokens, (B, h, H*W, d) -> (B, h, h'*w', d), pooled as (B, N, h*d) (the
+    heads of a projection are a view of that: no copy)."""
+    batch, heads, tokens, dim = x.shape
+    pooled = pool_on_grid(x.transpose(1, 2).reshape(batch, tokens, heads * dim), grid, out_grid)
+    return pooled.reshape(batch, -1, heads, dim).transpose(1, 2)
+
+
 class GridDepthwiseConv(nn.Module):
     """Depthwise `kernel_size` x `kernel_size` conv of tokens on their image grid (zero padding).
 
@@ -303,6 +311,43 @@ def differential_attention(q, k_pos, k_neg, v, scale: float, lam) -> torch.Tenso
     return sdpa(q, k_pos, v, scale) - lam * sdpa(q, k_neg, v, scale)
 
 
+CONTRAST_CPU_CHUNK = 1 << 18  # logits per step on the CPU (1 MB fp32: a step's logits stay in cache)
+
+
+def differential_read_norm(q: torch.Tensor, k_pos: torch.Tensor, k_neg: torch.Tensor, v: torch.Tensor, scale: float,
+                           lam, weight: torch.Tensor, out: torch.Tensor | None = None,
+                           eps: float = 1e-5) -> torch.Tensor:
+    """out + rms_norm(differential_attention(q, k_pos, k_neg, v, scale, lam), weight, eps): VCA's stage
+    II with its sub-layer norm. q (B, h, N, d); k_pos / k_neg / v (B, h, n, d) with few keys n; weight
+    (d,); out (B, h, N, d) or None (zeros). Returns (B, h, N, d) in q's dtype.
+
+    On the CPU without gradients or compile, the sum is written into `out` in place (its storage is reused) a few
+    samples of one head at a time, so a step's logits (., N, 2n), probabilities and read-out stay in
+    cache: softmax(s q [k+; k-]^T) per half, times [v; -lam v], normalised and added, one pass over the
+    output instead of seven (at least fp32). Elsewhere the plain form above."""
+    if q.device.type != "cpu" or _needs_functional(q, k_pos, k_neg, v, weight, lam, out):
+        normed = rms_norm(differential_attention(q, k_pos, k_neg, v, scale, lam), weight, eps)
+        return normed if out is None else out + normed
+    batch, heads, tokens, dim = q.shape
+    num_keys = k_pos.shape[2]
+    work = upcast_dtype(q.dtype)
+    if out is None:
+        out = q.new_zeros(batch, tokens, heads, dim).transpose(1, 2)
+    keys = torch.cat([k_pos, k_neg], 2).to(work).transpose(-1, -2) * scale          # s [k+; k-]^T (B, h, d, 2n)
+    values = torch.cat([v, -lam * v], 2).to(work)                                   # [v; -lam v]  (B, h, 2n, d)
+    weight = weight.to(work)
+    step = max(1, min(batch, CONTRAST_CPU_CHUNK // (tokens * 2 * num_keys)))
+    for head in range(heads):
+        for start in range(0, batch, step):
+            rows = slice(start, start + step)
+            logits = q[rows, head].to(work) @ keys[rows, head]                        # (b, N, 2n)
+            probs = logits.view(-1, tokens, 2, num_keys).softmax(-1).view(-1, tokens, 2 * num_keys)
+            read = probs @ values[rows, head]                                         # (b, N, d)
+            inv_rms = torch.linalg.vector_norm(read, dim=-1, keepdim=True).square_().div_(dim).add_(eps).rsqrt_()
+            out[rows, head].addcmul_(read.mul_(inv_rms), weight)
+    return out.to(q.dtype)
+
+
 # =====================================================================================================
 # LINA: division-normalised ReLU linear attention with a KV gate (Wang et al.; SANA's kernel form).
 # Shapes per head: q (B, h, N, d); k, v (B, h, M, d); gates broadcastable to (B, h, M, 1).
@@ -350,9 +395,8 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     work = upcast_dtype(dtype)
     q, k, v = q.to(work), k.to(work), v.to(work)
     heads, d, num_keys, e = q.shape[1], q.shape[-1], k.shape[-2], v.shape[-1]
-    tensors = (q, k, v, key_gate, value_gate, residual)
-    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    queries, keys = _relu_and_ones(q, differentiable), _relu_and_ones(k, differentiable)   # Q1, K1
+    functional = _needs_functional(q, k, v, key_gate, value_gate, residual)
+    queries, keys = _relu_and_ones(q, functional), _relu_and_ones(k, functional)   # Q1, K1
     key_weight = _per_head(key_gate, heads, num_keys, q)                                  # gk (.., h, M, 1)
     if value_gate is not None:
         v = v * _per_head(value_gate, heads, num_keys, q)
@@ -366,7 +410,7 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
         memory = torch.cat([memory, LINEAR_FEATURE_EPS * memory.sum(-2, keepdim=True)], -2)  # E [S | z]
         both = queries[:, head] @ memory                                       # [num | den]  (.., N, e + 1)
         parts.append((head, both[..., :e], both[..., e:] + eps))
-    if differentiable:
+    if functional:
         out = torch.cat([num / den for _, num, den in parts], dim=1)
         return (out if residual is None else residual + out).to(dtype)
     if residual is None:
@@ -379,10 +423,18 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     return residual.to(dtype)
 
 
-def _relu_and_ones(x: torch.Tensor, differentiable: bool) -> torch.Tensor:
+def _needs_functional(*tensors) -> bool:
+    """Whether ops must not write into tensors in place: a gradient is needed, or torch.compile is tracing
+    (strided `out=` breaks its graph)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _relu_and_ones(x: torch.Tensor, functional: bool) -> torch.Tensor:
     """[ReLU(x) | 1]: (B, h, n, d) -> (B, h, n, d + 1), laid out token-major (B, n, h, d + 1)."""
     tokens_major = x.transpose(1, 2)
-    if differentiable:
+    if functional:
         return F.pad(F.relu(tokens_major), (0, 1), value=1.0).transpose(1, 2)
     out = x.new_empty(*tokens_major.shape[:-1], x.shape[-1] + 1)
     torch.clamp_min(tokens_major, 0, out=out[..., :-1])

@@ -39,7 +39,7 @@ import weakref
 import torch
 from torch import nn
 
-from diffusers_ext.ops import GridDepthwiseConv, interpolated_bias, mediator_attention, pool_on_grid, upcast_dtype
+from diffusers_ext.ops import GridDepthwiseConv, interpolated_bias, mediator_attention, pool_heads_on_grid, upcast_dtype
 from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, frozen, merge_heads, project_kv, \
     project_out, project_q, split_heads
 from diffusers_ext.registry import STEPS, Method, Option, boolean, number, one_of, register_method
@@ -227,7 +227,7 @@ class MediatorAttnProcessor(SelfAttentionProcessor):
                 raise ValueError(f"{count} mediators ({side} x {side}) do not fit the {grid[0]} x {grid[1]} token "
                                  f"grid at {self.site_name}; use at most {min(grid) ** 2}")
             qg, kg, vg = (q, k, v) if index is None else (q[index], k[index], v[index])
-            mediators = pool_on_grid(qg, grid, (side, side))
+            mediators = pool_heads_on_grid(qg, grid, (side, side))
             b1, b2 = self.biases((side, side), grid, dtype)
             o = mediator_attention(qg, kg, vg, mediators, attn.scale, b1, b2)
             if index is None:
@@ -235,7 +235,8 @@ class MediatorAttnProcessor(SelfAttentionProcessor):
             else:
                 out[index] = o
         if self.dwc is not None and not self._is_zero("dwc", list(self.dwc.parameters())):
-            out = out + split_heads(self.dwc(merge_heads(v), grid), attn.heads)
+            # added into the conv's new (token-major) output: merging the heads after is free
+            out = split_heads(self.dwc(merge_heads(v), grid), attn.heads).add_(out)
         return project_out(attn, out, x.dtype)
 
     def extra_repr(self) -> str:

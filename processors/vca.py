@@ -33,8 +33,8 @@ import math
 import torch
 from torch import nn
 
-from diffusers_ext.ops import (GridDepthwiseConv, diff_lambda, differential_attention, lambda_init_for_depth,
-                               pool_on_grid, rms_norm, sdpa, upcast_dtype)
+from diffusers_ext.ops import (GridDepthwiseConv, diff_lambda, differential_attention, differential_read_norm,
+                               lambda_init_for_depth, pool_heads_on_grid, rms_norm, sdpa, upcast_dtype)
 from diffusers_ext.processor import SelfAttentionProcessor, compute_dtype, frozen, merge_heads, project_kv, \
     project_out, project_q, split_heads
 from diffusers_ext.registry import STEPS, Method, Option, boolean, number, register_method
@@ -111,7 +111,7 @@ class VCAAttnProcessor(SelfAttentionProcessor):
         dtype = compute_dtype(attn, x.dtype)
         q = project_q(attn, x).to(dtype)
         k, v = (t.to(dtype) for t in project_kv(attn, x))
-        pooled = pool_on_grid(q, grid, (side, side))                              # (B, h, n, d)
+        pooled = pool_heads_on_grid(q, grid, (side, side))                        # (B, h, n, d)
         e_pos, e_neg, l1, l2 = self._constants(attn.heads, dtype)
         t_pos, t_neg = pooled + e_pos, pooled + e_neg
         scale = 1.0 - self.lambda_init
@@ -119,12 +119,12 @@ class VCAAttnProcessor(SelfAttentionProcessor):
         gathered = sdpa(torch.cat([t_pos, t_neg], dim=2), k, v, attn.scale)       # stage I
         v_pos, v_neg = gathered.split(self.num_tokens, dim=2)
         v_hat = scale * rms_norm(v_pos - l1 * v_neg, self.norm1_weight)
-        out = differential_attention(q, t_pos, t_neg, v_hat, attn.scale, l2)      # stage II
         if self.calibrate and not self._calibrated:
+            out = differential_attention(q, t_pos, t_neg, v_hat, attn.scale, l2)
             self._calibrate(out, sdpa(q, pooled, v_pos, attn.scale), scale)
-        out = scale * rms_norm(out, self.norm2_weight)
-        if self.dwc is not None:
-            out = out + split_heads(self.dwc(merge_heads(v), grid), attn.heads)
+        local = split_heads(self.dwc(merge_heads(v), grid), attn.heads) if self.dwc is not None else None
+        # stage II, normalised, + DWC(V) (written into the conv's new output)
+        out = differential_read_norm(q, t_pos, t_neg, v_hat, attn.scale, l2, scale * self.norm2_weight, local)
         return project_out(attn, out, x.dtype)
 
 

@@ -65,6 +65,31 @@ def test_linear_attention_matches_dense_reference():
                                rtol=1e-4, atol=0)
 
 
+def test_heads_of_a_projection_residual_in_place_and_the_gradient_path():
+    """q / k / v as the heads of (B, N, h*d) projections (strided, read in place): the dense result,
+    returned token-major; `residual` gets the result added in place; with a gradient (or compile) the
+    functional path computes the same values and trains the gates."""
+    batch, heads, tokens, dim = 2, 3, 20, 8
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(batch, tokens, heads * dim, generator=g, dtype=torch.float64)
+               .view(batch, tokens, heads, dim).transpose(1, 2) for _ in range(3))
+    gk, gv = (torch.rand(1, heads, tokens, 1, generator=g, dtype=torch.float64) + 0.5 for _ in range(2))
+    residual = torch.randn(batch, tokens, heads, dim, generator=g, dtype=torch.float64).transpose(1, 2)
+    expected = _dense(q, k, v, gk, gv)
+    out = gated_linear_attention(q, k, v, gk, gv)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    assert out.transpose(1, 2).is_contiguous()                         # token-major: merging heads is free
+    into = residual.clone()
+    summed = gated_linear_attention(q, k, v, gk, gv, residual=into)
+    assert summed.data_ptr() == into.data_ptr()
+    torch.testing.assert_close(summed, residual + expected, rtol=1e-10, atol=1e-12)
+    trained = gk.clone().requires_grad_()
+    differentiable = gated_linear_attention(q, k, v, trained, gv, residual=residual)
+    torch.testing.assert_close(differentiable, residual + expected, rtol=1e-12, atol=1e-12)
+    differentiable.sum().backward()
+    assert trained.grad is not None and trained.grad.abs().sum() > 0
+
+
 def test_ungated_attention_is_the_released_encoder():
     q, k, v = _qkv(N=17, M=23)
     torch.testing.assert_close(gated_linear_attention(q, k, v), _released_encoder(q, k, v), **FP64)

@@ -79,6 +79,13 @@ def test_pool_on_grid_hand_cases():
     pooled = ops.pool_on_grid(y, (2, 4), (1, 2))
     assert pooled.shape == (2, 3, 2, 2)
     close(pooled[1, 2], [[2.5, 25.0], [4.5, 45.0]])                      # mean of (0, 1, 4, 5), of (2, 3, 6, 7)
+    # per-head tokens pooled through their token-major view: the same cells, heads and channels kept apart
+    heads = torch.stack([torch.arange(8, **F64), 10 * torch.arange(8, **F64)], 0)     # head 0: 0..7, head 1: x 10
+    tokens_major = heads.T.reshape(1, 8, 2, 1).expand(1, 8, 2, 2).contiguous()   # (B, N, h, d), d = 2 equal channels
+    pooled = ops.pool_heads_on_grid(tokens_major.transpose(1, 2), (2, 4), (1, 2))
+    assert pooled.shape == (1, 2, 2, 2)
+    close(pooled[0, 0], [[2.5, 2.5], [4.5, 4.5]])
+    close(pooled[0, 1], [[25.0, 25.0], [45.0, 45.0]])
 
 
 def test_grid_depthwise_conv_hand_case():

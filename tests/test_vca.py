@@ -72,6 +72,35 @@ def test_vca_matches_dense_reference(grid, tokens, scale):
     torch.testing.assert_close(_attend(record, attn, proc, x, grid), expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("chunk", [1 << 18, 1])     # every sample at once / a sample a step
+def test_stage_two_with_its_norm_is_the_plain_form(monkeypatch, chunk):
+    """`differential_read_norm` (the CPU's in-cache form: accumulated into `out` in place) against the
+    stage-II equation with explicit softmax matrices, fp64; without `out`; and with a gradient (the
+    plain ops: the same values, gradients reach the gain)."""
+    from diffusers_ext import ops
+    monkeypatch.setattr(ops, "CONTRAST_CPU_CHUNK", chunk)
+    batch, heads, tokens, n, dim = 3, 2, 20, 4, 8
+    g = torch.Generator().manual_seed(5)
+    f64 = dict(generator=g, dtype=torch.float64)
+    q = torch.randn(batch, tokens, heads * dim, **f64).view(batch, tokens, heads, dim).transpose(1, 2)
+    t_pos, t_neg, values = (torch.randn(batch, heads, n, dim, **f64) for _ in range(3))
+    lam, weight, scale = torch.tensor(0.3, dtype=torch.float64), torch.rand(dim, **f64) + 0.5, 0.4
+    out = torch.randn(batch, tokens, heads, dim, **f64).transpose(1, 2)
+    soft = lambda a, b: torch.softmax(scale * a @ b.transpose(-1, -2), -1)  # noqa: E731
+    normed = rms((soft(q, t_pos) - lam * soft(q, t_neg)) @ values, weight)
+    into = out.clone()
+    got = ops.differential_read_norm(q, t_pos, t_neg, values, scale, lam, weight, into)
+    assert got.data_ptr() == into.data_ptr()
+    torch.testing.assert_close(got, out + normed, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ops.differential_read_norm(q, t_pos, t_neg, values, scale, lam, weight), normed,
+                               rtol=1e-12, atol=1e-12)
+    trained = weight.clone().requires_grad_()
+    plain = ops.differential_read_norm(q, t_pos, t_neg, values, scale, lam, trained, out)
+    torch.testing.assert_close(plain, out + normed, rtol=1e-12, atol=1e-12)
+    plain.sum().backward()
+    assert trained.grad is not None and trained.grad.abs().sum() > 0
+
+
 def test_start_point_is_lambda_free_and_close_to_pooled_attention():
     """At init the output does not depend on lambda (e+ = e-), and we measure the distance to the
     exact attention and to pooled-query agent attention (the RMSNorms rescale every token)."""
