@@ -43,6 +43,8 @@ CLAIMS = [
      ["test_eval_data.py::test_feature_cache_is_keyed_by_content"]),
     ("docs/vca.md", "the start does not depend on lambda",
      ["test_vca.py::test_start_point_is_lambda_free_and_close_to_pooled_attention"]),
+    ("docs/vca.md", "tested against the equation in fp64",
+     ["test_vca.py::test_stage_two_with_its_norm_is_the_plain_form"]),
 ]
 # uses of the word that claim no test: (document, phrase next to it)
 NOT_CLAIMS = [
