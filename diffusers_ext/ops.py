@@ -173,11 +173,14 @@ def ttt_inner_step(k: torch.Tensor, v: torch.Tensor, w1: torch.Tensor, w2: torch
     Computed and returned at least in fp32: fp16 / bf16 inputs are upcast, because the update is small
     against W (|G| / |W| ~ 3e-3 at N = 16K with the 0.02 init, below bf16's resolution of W) and e's
     scale / N is below fp16's normal range; fp32 and fp64 inputs compute in their own dtype.
-    k and v are made contiguous once (the heads of a projection are a strided view; each matmul would
-    copy them again), and e is formed in place (one buffer for a W2 - v and its scaling).
+    Also for one head: k, v (B, N, d), w1, w2 (d, d). 4-D k and v are made contiguous once (the heads
+    of a projection are a strided view that each 4-D matmul would copy again; a 3-D head view is read in
+    place), and e is formed in place (one buffer for a W2 - v and its scaling).
     """
     work = upcast_dtype(k.dtype)
-    k, v, w1, w2 = (x.to(work).contiguous() for x in (k, v, w1, w2))
+    k, v, w1, w2 = (x.to(work) for x in (k, v, w1, w2))
+    if k.dim() > 3:
+        k, v = k.contiguous(), v.contiguous()
     z = k @ w1
     sig = torch.sigmoid(z)
     a = z * sig
@@ -196,32 +199,28 @@ def ttt_read(q: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tenso
 
 
 TTT_CPU_CHUNK = 1 << 19  # elements of q per step on the CPU (2 MB fp32: the step's buffers stay in cache; at
-                         # DiT-XL's 4096 x 72 one head a step, 1.8x faster than a sample a step; at the lab's
-                         # (64, 4, 1024, 32) four samples a step)
+                         # DiT-XL's 4096 x 72 one head of one sample a step, 1.8x faster than a sample a step;
+                         # at the lab's (64, 4, 1024, 32) one head of 16 samples)
 
 
 def ttt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """TTT attention: learn the inner model on (k, v) by one step, read it with q. Linear in N
     (about 14 N d^2 flops per head against 4 N^2 d for softmax attention); no N x N matrix.
-    q (B, h, N, d); k, v (B, h, M, d); w1, w2 (h, d, d) or (1, d, d) -> (B, h, N, d).
+    q (B, h, N, d); k, v (B, h, M, d); w1, w2 (h, d, d) or (1, d, d) -> (B, h, N, d) in q's layout.
     Keys are used as given (normalise them first with `key_instance_norm`). Samples and heads are
-    independent: on the CPU they run a few at a time (`TTT_CPU_CHUNK` elements of q a step)."""
+    independent: on the CPU one head of a few samples a step (`TTT_CPU_CHUNK` elements of q; a head of a
+    projection is a strided (B, N, d) view the matmuls read in place), elsewhere all at once."""
     batch, heads = q.shape[:2]
-    rows = max(1, TTT_CPU_CHUNK // q[0, 0].numel()) if q.device.type == "cpu" else batch * heads
-    if rows >= batch * heads:
+    if q.device.type != "cpu":
         return ttt_read(q, *ttt_inner_step(k, v, w1, w2, scale))
+    samples = max(1, TTT_CPU_CHUNK // q[0, 0].numel())
     out = torch.empty_like(q)   # q's layout: heads of a projection stay a (B, N, h, d) view, read by merge_heads free
-    if rows >= heads:   # whole samples a step
-        for i in range(0, batch, rows // heads):
-            part = slice(i, i + rows // heads)
-            out[part] = ttt_read(q[part], *ttt_inner_step(k[part], v[part], w1, w2, scale))
-        return out
-    for b in range(batch):   # a few heads of one sample a step
-        for i in range(0, heads, rows):
-            part = slice(i, i + rows)
-            inner = [w if w.shape[0] == 1 else w[part] for w in (w1, w2)]
-            out[b, part] = ttt_read(q[b, part], *ttt_inner_step(k[b, part], v[b, part], *inner, scale))
+    for head in range(heads):
+        inner = [w[0] if w.shape[0] == 1 else w[head] for w in (w1, w2)]
+        for i in range(0, batch, samples):
+            part = slice(i, i + samples)
+            out[part, head] = ttt_read(q[part, head], *ttt_inner_step(k[part, head], v[part, head], *inner, scale))
     return out
 
 
@@ -510,7 +509,8 @@ def _neighborhood_layout(height: int, width: int, kernel_size: int, tile: int, d
 
 
 def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],
-                           kernel_size: int, scale: float, rpb: torch.Tensor | None = None) -> torch.Tensor:
+                           kernel_size: int, scale: float, rpb: torch.Tensor | None = None,
+                           blend_into: torch.Tensor | None = None, weight: float = 1.0) -> torch.Tensor:
     """2-D neighbourhood softmax attention with NATTEN's border semantics (see the section comment).
 
     q, k, v (B, h, N, d) on the (H, W) grid; `kernel_size` odd; `rpb` None or a relative position bias
@@ -518,7 +518,10 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gr
     -> (B, h, N, d) in q's dtype. Memory and time linear in N, no N x N matrix: the grid is cut into
     4 x 4 query tiles; each tile gathers the (4 + K - 1)^2 keys / values its windows cover (4x the
     keys for K = 5), and its logits are masked to each query's own K x K window. Logits and softmax
-    at least in fp32 (fp16 / bf16 q, k upcast per tile; fp64 stays fp64), probabilities @ v in v's dtype."""
+    at least in fp32 (fp16 / bf16 q, k upcast per tile; fp64 stays fp64), probabilities @ v in v's dtype.
+    With `blend_into` (B, h, N, d): returns torch.lerp(blend_into, attention, weight), written into
+    `blend_into` step by step (in place, no tensor for the attention alone) unless a gradient is needed or
+    torch.compile traces."""
     if kernel_size < 1 or kernel_size % 2 != 1:
         raise ValueError(f"neighborhood_attention: kernel_size must be an odd number >= 1, got {kernel_size}")
     height, width = grid
@@ -528,6 +531,8 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gr
     if rpb is not None and tuple(rpb.shape) != (heads, 2 * kernel_size - 1, 2 * kernel_size - 1):
         raise ValueError(f"neighborhood_attention: rpb must be ({heads}, {2 * kernel_size - 1}, "
                          f"{2 * kernel_size - 1}), got {tuple(rpb.shape)}")
+    if blend_into is not None and _needs_functional(q, k, v, rpb, blend_into):
+        return torch.lerp(blend_into, neighborhood_attention(q, k, v, grid, kernel_size, scale, rpb), weight)
     work = upcast_dtype(q.dtype)
     # compiled: traced into the graph (dynamo ignores an lru_cache); eager: built once per grid
     build = _neighborhood_layout.__wrapped__ if torch.compiler.is_compiling() else _neighborhood_layout
@@ -540,7 +545,8 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gr
                            (dx + last).clamp(0, 2 * last)[None, :, None, :, None, :]]  # (h, ny, nx, ty, tx, ry, rx)
         bias = rel.reshape(heads, num_tiles, per_tile, region) + bias
 
-    out = torch.empty_like(q)   # q's layout: heads of a projection stay a (B, N, h, d) view, read by merge_heads free
+    # q's layout: heads of a projection stay a (B, N, h, d) view, read by merge_heads free
+    out = torch.empty_like(q) if blend_into is None else blend_into
     step = max(1, NEIGHBORHOOD_CPU_CHUNK // (num_tiles * per_tile * region)) if q.device.type == "cpu" else heads
     for b in range(batch):
         for start in range(0, heads, step):
@@ -551,7 +557,11 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gr
             chunk_bias = bias if rpb is None else bias[part]
             logits = torch.matmul(qt.to(work), kt.to(work).transpose(-1, -2)).mul_(scale).add_(chunk_bias)  # in place
             weights = logits.softmax(-1).to(v.dtype)
-            out[b, part] = torch.matmul(weights, vt).view(-1, num_tiles * per_tile, dim).index_select(1, slot)
+            tokens_out = torch.matmul(weights, vt).view(-1, num_tiles * per_tile, dim).index_select(1, slot)
+            if blend_into is None:
+                out[b, part] = tokens_out
+            else:
+                out[b, part].lerp_(tokens_out, weight)
     return out
 
 

@@ -113,8 +113,8 @@ class TTTAttnProcessor(JointAttentionProcessor):
         q, k, v (B, h, N, d) on the grid unless `local="none"`."""
         if self.local == "none":
             return out_ttt
-        local = neighborhood_attention(q, k, v, grid, self.kernel_size, scale)
-        return torch.lerp(out_ttt, local, LOCAL_WEIGHT)   # LOCAL_WEIGHT local + (1 - LOCAL_WEIGHT) o_ttt, one pass
+        # LOCAL_WEIGHT local + (1 - LOCAL_WEIGHT) o_ttt, blended into o_ttt (a new tensor) as it is computed
+        return neighborhood_attention(q, k, v, grid, self.kernel_size, scale, blend_into=out_ttt, weight=LOCAL_WEIGHT)
 
     # --- forward ---------------------------------------------------------------------------------------
 

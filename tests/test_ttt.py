@@ -39,10 +39,10 @@ def test_ttt_attention_reads_updated_model_and_is_differentiable():
     assert torch.autograd.gradcheck(lambda a, b: ttt_attention(q, k, v, a, b, 0.5), (w1, w2))
 
 
-@pytest.mark.parametrize("chunk", [1, 28, 56, 112])   # elements of q a step: a head, a sample, two samples
+@pytest.mark.parametrize("chunk", [1, 28, 56, 112])   # elements of q a step: one head of 1, 1, 2, 3 samples
 @pytest.mark.parametrize("shared_inner", [False, True])   # inner weights (h, d, d) or one (1, d, d) for all heads
 def test_ttt_attention_in_chunks_is_the_same(monkeypatch, chunk, shared_inner):
-    """A few heads or samples per step (as with a long sequence on the CPU) give what all at once gives,
+    """One head of a few samples per step (as on the CPU) gives what all at once gives,
     in q's memory layout (heads of a projection: a (B, N, h, d) view); keys and values may be longer
     than the queries (joint attention)."""
     from diffusers_ext import ops
@@ -152,6 +152,26 @@ def test_neighborhood_attention_in_chunks_and_exact_windows(monkeypatch):
             expect = torch.zeros(grid, dtype=torch.float64)
             expect[y0:y0 + kernel, x0:x0 + kernel] = 1 / kernel**2
             torch.testing.assert_close(seen[i * grid[1] + j].view(grid), expect, rtol=0, atol=1e-15)
+
+
+def test_neighborhood_attention_blended_in_place(monkeypatch):
+    """`blend_into`: lerp(into, attention, w) written into `into` step by step (one (sample, head) a step
+    here), against the brute force; with a gradient, the same values through plain ops."""
+    torch.manual_seed(6)
+    grid, kernel, n = (7, 9), 5, 63
+    q, k, v = (torch.randn(2, 3, n, 4, dtype=torch.float64) for _ in range(3))
+    into = torch.randn(2, n, 3, 4, dtype=torch.float64).transpose(1, 2)      # a (B, N, h, d) view, as T^5's
+    expected = torch.lerp(into, _na_brute(q, k, v, grid, kernel, 0.5), 0.3)
+    monkeypatch.setattr(ops, "NEIGHBORHOOD_CPU_CHUNK", 1)
+    target = into.clone()
+    got = neighborhood_attention(q, k, v, grid, kernel, 0.5, blend_into=target, weight=0.3)
+    assert got.data_ptr() == target.data_ptr()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    trained = into.clone().requires_grad_()
+    plain = neighborhood_attention(q, k, v, grid, kernel, 0.5, blend_into=trained, weight=0.3)
+    torch.testing.assert_close(plain, expected, rtol=1e-12, atol=1e-12)
+    plain.sum().backward()
+    torch.testing.assert_close(trained.grad, torch.full_like(into, 0.7))
 
 
 def test_neighborhood_attention_gradients_and_errors():
