@@ -8,7 +8,8 @@ quality lab II scale (issue 19), against stock SDPA in one run.
 The model is `lab.models.glyph_transformer` (32 x 32 pixels, patch 1: 1024 tokens) with random weights;
 the methods' new parameters are filled with small random values as after a fine-tune
 (`dit_attention.apply`, trained=True), so no zero-initialised branch is skipped. One denoiser call at
-t = 0.5 per variant, round-robin (benchmarks/harness.py). Writes benchmarks/results/lab_scale.md.
+t = 0.5 per variant, round-robin (benchmarks/harness.py), then one attention layer alone the same way.
+Writes benchmarks/results/lab_scale.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import harness
 from dit_attention import apply
 from diffusers_ext.lab.models import glyph_transformer
 
+LAYER = 4   # the block whose attention layer is timed alone (a decoder block of LINA's released layout)
 VARIANTS = {  # name -> (method, options)
     "stock": (None, {}),
     "mediators n=64": ("mediator", dict(mediators=64)),
@@ -51,24 +53,37 @@ def main(argv=None) -> int:
     x = torch.randn(args.batch, 1, 32, 32, generator=g)
     t = torch.full((args.batch,), 0.5)
     labels = torch.arange(args.batch) % 37
-    calls = {}
+    tokens = torch.randn(args.batch, 32 * 32, args.width, generator=g)   # one attention layer's input
+    calls, layers = {}, {}
     for name in ["stock", *args.variants]:
         method, options = VARIANTS[name]
         model = glyph_transformer(num_attention_heads=args.width // 32).eval()
         apply(model, method, options, True, 8 * 32)          # latent_hw = 32 x 32 tokens
         calls[name] = lambda model=model: model(x, timestep=t, class_labels=labels).sample
+        attention = model.transformer_blocks[LAYER].attn1
+        layers[name] = lambda attention=attention: attention(tokens)
     with torch.no_grad():
         timings = harness.interleaved(calls, args.repeats, args.warmup)
-    stock = timings["stock"]
-    rows = [[name, harness.spread(1000 * tm.median, 1000 * tm.min, 1000 * tm.max, ".1f") + " ms",
-             f"{tm.speedup_over(stock):.2f}x"] for name, tm in timings.items()]
+        layer_timings = harness.interleaved(layers, args.repeats, args.warmup)
+
+    def row(name):
+        model_time, layer_time = timings[name], layer_timings[name]
+        return [name, harness.spread(1000 * model_time.median, 1000 * model_time.min, 1000 * model_time.max, ".1f")
+                + " ms", f"{model_time.speedup_over(timings['stock']):.2f}x",
+                harness.spread(1000 * layer_time.median, 1000 * layer_time.min, 1000 * layer_time.max, ".1f") + " ms",
+                f"{layer_time.speedup_over(layer_timings['stock']):.2f}x"]
+
+    rows = [row(name) for name in timings]
     lines = harness.header(
         "Constant factors at the lab scale: a 1024-token, 6-block DiT", __file__, argv=argv, device="cpu",
         dtype=torch.float32, statistic=harness.statistic(args.repeats, args.warmup), extra=[
             f"Pixel-space DiT (lab.models.glyph_transformer), 32 x 32 at patch 1 (1024 tokens), 6 blocks, width "
             f"{args.width} ({args.width // 32} heads of 32), random weights, the methods' new parameters random as "
-            f"after a fine-tune; one denoiser call at batch {args.batch}."])
-    lines += harness.markdown_table(["variant", "time per call", "speed-up"], rows)
+            f"after a fine-tune; one denoiser call at batch {args.batch}, and (timed after the calls, in rounds "
+            f"of their own) one attention layer of block {LAYER} (`attn1`, to_q / k / v and to_out included) on "
+            f"random tokens: what the method changes, without the blocks' shared MLP and norms."])
+    lines += harness.markdown_table(["variant", "time per call", "speed-up", "attention layer", "layer speed-up"],
+                                    rows)
     harness.write_atomic(harness.output_path(args), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -9,10 +9,13 @@ diffusers imported once), and calls it killed when pytest fails and survived whe
         tests/test_lina.py[,tests/test_weights.py] NAME [NAME ...]
 
 NAME as `mutmut results` prints it; one line per mutant is appended to OUT.log:
-`NAME killed|survived|exit N SECONDSs`.
+`NAME killed|survived|timeout|exit N SECONDSs`. A mutant whose tests run longer than MUTANT_TIMEOUT
+seconds (default 600; a mutated loop bound can make them endless) is stopped and logged `timeout`,
+which counts as killed (its tests did not pass).
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -37,10 +40,22 @@ def main(out_path: str, tests: str, names: list[str]) -> None:
                 os.dup2(devnull, 2)
                 code = pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly", *tests.split(",")])
                 os._exit(int(code))
-            _, status = os.waitpid(pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-            verdict = {1: "killed", 0: "survived"}.get(code, f"exit {code}")
+            verdict = _wait(pid, start + float(os.environ.get("MUTANT_TIMEOUT", 600)))
             print(name, verdict, f"{time.time() - start:.1f}s", file=out, flush=True)
+
+
+def _wait(pid: int, deadline: float) -> str:
+    """The verdict of the child `pid`, killed at `deadline` (time.time()) if still running."""
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            return {1: "killed", 0: "survived"}.get(code, f"exit {code}")
+        if time.time() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return "timeout"
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":
