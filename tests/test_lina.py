@@ -90,6 +90,35 @@ def test_heads_of_a_projection_residual_in_place_and_the_gradient_path():
     assert trained.grad is not None and trained.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("trained", ["q", "k", "v", "key_gate", "value_gate", "residual"])
+def test_any_input_that_needs_a_gradient_gets_one(trained):
+    """Whichever input requires a gradient (projections trained with the method, either gate, the conv
+    branch), the function takes the differentiable path: the same values, and the gradient reaches it."""
+    g = torch.Generator().manual_seed(7)
+    inputs = dict(zip(("q", "k", "v"), _qkv(B=1, h=2, N=6, M=6, d=4, seed=7)))
+    inputs.update(key_gate=torch.rand(1, 2, 6, 1, generator=g, dtype=torch.float64) + 0.5,
+                  value_gate=torch.rand(1, 2, 6, 1, generator=g, dtype=torch.float64) + 0.5,
+                  residual=torch.randn(1, 2, 6, 4, generator=g, dtype=torch.float64))
+    with torch.no_grad():
+        expected = gated_linear_attention(**{n: t.clone() for n, t in inputs.items()})
+    inputs[trained] = inputs[trained].clone().requires_grad_()
+    out = gated_linear_attention(**inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    assert inputs[trained].grad is not None and inputs[trained].grad.abs().sum() > 0
+
+
+def test_half_precision_in_gives_half_precision_out_on_every_path():
+    """bf16 q / k / v: the result is bf16 without gates, with a (fp32) residual added in place, and on the
+    differentiable path."""
+    q, k, v = (t.bfloat16() for t in _qkv(B=1, h=2, N=6, M=6, d=4, dtype=torch.float32, seed=8))
+    residual = torch.zeros(1, 2, 6, 4)
+    gate = torch.ones(1, 2, 6, 1, requires_grad=True)
+    assert gated_linear_attention(q, k, v).dtype == torch.bfloat16
+    assert gated_linear_attention(q, k, v, residual=residual).dtype == torch.bfloat16
+    assert gated_linear_attention(q, k, v, gate, residual=torch.zeros(1, 2, 6, 4)).dtype == torch.bfloat16
+
+
 def test_ungated_attention_is_the_released_encoder():
     q, k, v = _qkv(N=17, M=23)
     torch.testing.assert_close(gated_linear_attention(q, k, v), _released_encoder(q, k, v), **FP64)
