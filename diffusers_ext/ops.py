@@ -320,10 +320,10 @@ def differential_read_norm(q: torch.Tensor, k_pos: torch.Tensor, k_neg: torch.Te
     II with its sub-layer norm. q (B, h, N, d); k_pos / k_neg / v (B, h, n, d) with few keys n; weight
     (d,); out (B, h, N, d) or None (zeros). Returns (B, h, N, d) in q's dtype.
 
-    On the CPU without gradients or compile, the sum is written into `out` in place (its storage is reused) a few
-    samples of one head at a time, so a step's logits (., N, 2n), probabilities and read-out stay in
-    cache: softmax(s q [k+; k-]^T) per half, times [v; -lam v], normalised and added, one pass over the
-    output instead of seven (at least fp32). Elsewhere the plain form above."""
+    On the CPU without gradients or compile, the sum is written into `out` in place (its storage is
+    reused) a few samples of one head at a time, so a step's logits (., N, 2n), probabilities and
+    read-out stay in cache: softmax(s q [k+; k-]^T) per half, times [v; -lam v], normalised and added,
+    one pass over the output instead of seven (at least fp32). Elsewhere the plain form above."""
     if q.device.type != "cpu" or _needs_functional(q, k_pos, k_neg, v, weight, lam, out):
         normed = rms_norm(differential_attention(q, k_pos, k_neg, v, scale, lam), weight, eps)
         return normed if out is None else out + normed
