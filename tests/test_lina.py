@@ -108,6 +108,15 @@ def test_any_input_that_needs_a_gradient_gets_one(trained):
     assert inputs[trained].grad is not None and inputs[trained].grad.abs().sum() > 0
 
 
+def test_gates_of_fewer_dimensions_broadcast_as_documented():
+    """Gates "broadcastable to (B, h, M, 1)": an (h, M, 1) gate is the (1, h, M, 1) one."""
+    q, k, v = _qkv(B=2, h=3, N=5, M=7, d=4, seed=9)
+    gk, gv = (torch.rand(1, 3, 7, 1, generator=torch.Generator().manual_seed(s), dtype=torch.float64) + 0.5
+              for s in (1, 2))
+    torch.testing.assert_close(gated_linear_attention(q, k, v, gk[0], gv[0]), gated_linear_attention(q, k, v, gk, gv),
+                               rtol=0, atol=0)
+
+
 def test_half_precision_in_gives_half_precision_out_on_every_path():
     """bf16 q / k / v: the result is bf16 without gates, with a (fp32) residual added in place, and on the
     differentiable path."""
