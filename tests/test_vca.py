@@ -72,13 +72,8 @@ def test_vca_matches_dense_reference(grid, tokens, scale):
     torch.testing.assert_close(_attend(record, attn, proc, x, grid), expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("chunk", [1 << 18, 1])     # every sample at once / a sample a step
-def test_stage_two_with_its_norm_is_the_plain_form(monkeypatch, chunk):
-    """`differential_read_norm` (the CPU's in-cache form: accumulated into `out` in place) against the
-    stage-II equation with explicit softmax matrices, fp64; without `out`; and with a gradient (the
-    plain ops: the same values, gradients reach the gain)."""
-    from diffusers_ext import ops
-    monkeypatch.setattr(ops, "CONTRAST_CPU_CHUNK", chunk)
+def _stage_two_case(dtype=torch.float64):
+    """(q as the heads of a projection, t+, t-, V^, lam, weight, scale, out, the equation's result)."""
     batch, heads, tokens, n, dim = 3, 2, 20, 4, 8
     g = torch.Generator().manual_seed(5)
     f64 = dict(generator=g, dtype=torch.float64)
@@ -88,17 +83,41 @@ def test_stage_two_with_its_norm_is_the_plain_form(monkeypatch, chunk):
     out = torch.randn(batch, tokens, heads, dim, **f64).transpose(1, 2)
     soft = lambda a, b: torch.softmax(scale * a @ b.transpose(-1, -2), -1)  # noqa: E731
     normed = rms((soft(q, t_pos) - lam * soft(q, t_neg)) @ values, weight)
+    return q, t_pos, t_neg, values, lam, weight, scale, out, normed
+
+
+# logits a step: every sample at once / two samples (of 3) / one sample
+@pytest.mark.parametrize("chunk", [1 << 18, 2 * 20 * 2 * 4, 1])
+def test_stage_two_with_its_norm_is_the_plain_form(monkeypatch, chunk):
+    """`differential_read_norm` (the CPU's in-cache form: accumulated into `out` in place) against the
+    stage-II equation with explicit softmax matrices, fp64; without `out`; bf16 queries."""
+    from diffusers_ext import ops
+    monkeypatch.setattr(ops, "CONTRAST_CPU_CHUNK", chunk)
+    q, t_pos, t_neg, values, lam, weight, scale, out, normed = _stage_two_case()
     into = out.clone()
     got = ops.differential_read_norm(q, t_pos, t_neg, values, scale, lam, weight, into)
     assert got.data_ptr() == into.data_ptr()
     torch.testing.assert_close(got, out + normed, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ops.differential_read_norm(q, t_pos, t_neg, values, scale, lam, weight), normed,
                                rtol=1e-12, atol=1e-12)
-    trained = weight.clone().requires_grad_()
-    plain = ops.differential_read_norm(q, t_pos, t_neg, values, scale, lam, trained, out)
-    torch.testing.assert_close(plain, out + normed, rtol=1e-12, atol=1e-12)
+    half = ops.differential_read_norm(q.bfloat16(), *(t.bfloat16() for t in (t_pos, t_neg, values)), scale, lam,
+                                      weight.float())
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), normed, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("trained", range(7))   # q, t+, t-, V^, lam, the gain, out
+def test_stage_two_takes_the_plain_ops_for_any_input_needing_a_gradient(trained):
+    """Whichever input requires a gradient, the plain ops run: the same values, and the gradient reaches it."""
+    from diffusers_ext import ops
+    q, t_pos, t_neg, values, lam, weight, scale, out, normed = _stage_two_case()
+    inputs = [q, t_pos, t_neg, values, lam, weight, out]
+    inputs[trained] = inputs[trained].clone().requires_grad_()
+    q, t_pos, t_neg, values, lam, weight, out = inputs
+    plain = ops.differential_read_norm(q, t_pos, t_neg, values, scale, lam, weight, out)
+    torch.testing.assert_close(plain, out.detach() + normed, rtol=1e-12, atol=1e-12)
     plain.sum().backward()
-    assert trained.grad is not None and trained.grad.abs().sum() > 0
+    assert inputs[trained].grad is not None and inputs[trained].grad.abs().sum() > 0
 
 
 def test_start_point_is_lambda_free_and_close_to_pooled_attention():
