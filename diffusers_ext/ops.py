@@ -333,7 +333,8 @@ def differential_read_norm(q: torch.Tensor, k_pos: torch.Tensor, k_neg: torch.Te
     if out is None:
         out = q.new_zeros(batch, tokens, heads, dim).transpose(1, 2)
     keys = torch.cat([k_pos, k_neg], 2).to(work).transpose(-1, -2) * scale          # s [k+; k-]^T (B, h, d, 2n)
-    values = torch.cat([v, -lam * v], 2).to(work)                                   # [v; -lam v]  (B, h, 2n, d)
+    v = v.to(work)
+    values = torch.cat([v, -lam * v], 2)                                            # [v; -lam v]  (B, h, 2n, d)
     weight = weight.to(work)
     step = max(1, min(batch, CONTRAST_CPU_CHUNK // (tokens * 2 * num_keys)))
     for head in range(heads):
