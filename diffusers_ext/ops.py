@@ -33,6 +33,15 @@ def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def needs_plain_ops(*tensors) -> bool:
+    """True while torch.compile traces or a gradient can reach one of `tensors` (non-tensors ignored): then
+    no op writes into reused buffers in place (autograd and strided `out=` forbid it; compile breaks its
+    graph on the latter) and nothing is served from a cache of earlier results (`processor.frozen`)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(scale * q k^T) v; q (B, h, N, d), k / v (B, h, M, d) -> (B, h, N, d).
 
@@ -324,7 +333,7 @@ def differential_read_norm(q: torch.Tensor, k_pos: torch.Tensor, k_neg: torch.Te
     reused) a few samples of one head at a time, so a step's logits (., N, 2n), probabilities and
     read-out stay in cache: softmax(s q [k+; k-]^T) per half, times [v; -lam v], normalised and added,
     one pass over the output instead of seven (at least fp32). Elsewhere the plain form above."""
-    if q.device.type != "cpu" or _needs_functional(q, k_pos, k_neg, v, weight, lam, out):
+    if q.device.type != "cpu" or needs_plain_ops(q, k_pos, k_neg, v, weight, lam, out):
         normed = rms_norm(differential_attention(q, k_pos, k_neg, v, scale, lam), weight, eps)
         return normed if out is None else out + normed
     batch, heads, tokens, dim = q.shape
@@ -395,40 +404,34 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     work = upcast_dtype(dtype)
     q, k, v = q.to(work), k.to(work), v.to(work)
     heads, d, num_keys, e = q.shape[1], q.shape[-1], k.shape[-2], v.shape[-1]
-    functional = _needs_functional(q, k, v, key_gate, value_gate, residual)
+    functional = needs_plain_ops(q, k, v, key_gate, value_gate, residual)
     queries, keys = _relu_and_ones(q, functional), _relu_and_ones(k, functional)   # Q1, K1
     key_weight = _per_head(key_gate, heads, num_keys, q)                                  # gk (.., h, M, 1)
     if value_gate is not None:
         v = v * _per_head(value_gate, heads, num_keys, q)
     if key_gate is not None:
         v = v * key_weight
-    parts = []
+    if functional:
+        head_outputs = []
+    else:   # each head written as soon as it is computed, into residual or a new token-major tensor
+        out = residual if residual is not None else q.new_empty(q.shape[0], q.shape[2], heads, e).transpose(1, 2)
     for head in ([slice(i, i + 1) for i in range(heads)] if q.device.type == "cpu" else [slice(None)]):
         keys_t = keys[:, head].transpose(-1, -2)
         memory = torch.cat([keys_t @ v[:, head], keys_t @ key_weight[:, head]], -1)      # K1^T [gk gv v | gk]
         memory = (memory[..., :d, :] + LINEAR_FEATURE_EPS * memory[..., d:, :]) / num_keys   # [S | z]
         memory = torch.cat([memory, LINEAR_FEATURE_EPS * memory.sum(-2, keepdim=True)], -2)  # E [S | z]
         both = queries[:, head] @ memory                                       # [num | den]  (.., N, e + 1)
-        parts.append((head, both[..., :e], both[..., e:] + eps))
-    if functional:
-        out = torch.cat([num / den for _, num, den in parts], dim=1)
-        return (out if residual is None else residual + out).to(dtype)
-    if residual is None:
-        out = q.new_empty(q.shape[0], q.shape[2], heads, e).transpose(1, 2)
-        for head, num, den in parts:
+        num, den = both[..., :e], both[..., e:] + eps
+        if functional:
+            head_outputs.append(num / den)
+        elif residual is None:
             torch.div(num, den, out=out[:, head])
-        return out.to(dtype)
-    for head, num, den in parts:
-        residual[:, head].addcdiv_(num, den)
-    return residual.to(dtype)
-
-
-def _needs_functional(*tensors) -> bool:
-    """Whether ops must not write into tensors in place: a gradient is needed, or torch.compile is tracing
-    (strided `out=` breaks its graph)."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+        else:
+            out[:, head].addcdiv_(num, den)
+    if functional:
+        out = torch.cat(head_outputs, dim=1)
+        out = out if residual is None else residual + out
+    return out.to(dtype)
 
 
 def _relu_and_ones(x: torch.Tensor, functional: bool) -> torch.Tensor:
@@ -532,7 +535,7 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gr
     if rpb is not None and tuple(rpb.shape) != (heads, 2 * kernel_size - 1, 2 * kernel_size - 1):
         raise ValueError(f"neighborhood_attention: rpb must be ({heads}, {2 * kernel_size - 1}, "
                          f"{2 * kernel_size - 1}), got {tuple(rpb.shape)}")
-    if blend_into is not None and _needs_functional(q, k, v, rpb, blend_into):
+    if blend_into is not None and needs_plain_ops(q, k, v, rpb, blend_into):
         return torch.lerp(blend_into, neighborhood_attention(q, k, v, grid, kernel_size, scale, rpb), weight)
     work = upcast_dtype(q.dtype)
     # compiled: traced into the graph (dynamo ignores an lru_cache); eager: built once per grid

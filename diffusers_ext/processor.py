@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from diffusers_ext.ops import needs_plain_ops
+
 logger = logging.getLogger("diffusers_ext")
 
 # diffusers' processors whose computation is plain attention over the module's own projections
@@ -325,7 +327,7 @@ def frozen(cache: dict, key, params, compute: Callable[[], object]):
     or none requires grad) and every one of them is unchanged (same storage, no in-place update since);
     recomputed otherwise, and always while compiling (the graph computes it). For per-call work that
     depends only on a layer's parameters (bias tables, lambdas): inference pays for it once."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+    if needs_plain_ops(*params):
         return compute()
     # the entry holds the parameter objects themselves: a replaced parameter cannot reuse their id or storage
     state = [(p, p.data_ptr(), p._version) for p in params]
