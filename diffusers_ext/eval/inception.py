@@ -180,11 +180,15 @@ class InceptionNetwork:
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 (N, H, W, 3) -> {"pool": (N, 2048)[, "spatial": (N, 2023)]} float32. On the CPU in slices
         of `CPU_SLICE` images, whatever N (the conv activations of a few images stay in cache: 1.5x the
-        throughput of 32 at once here); each image's features do not depend on its batch."""
+        throughput of 32 at once here), channels-last (oneDNN's native layout: 1.1x-1.17x, the same features
+        to ~1e-6 of the largest, a different order of the convolutions' sums); each image's features do not
+        depend on its batch."""
         if self.device.type == "cpu" and len(images) > CPU_SLICE:
             parts = [self(images[i:i + CPU_SLICE]) for i in range(0, len(images), CPU_SLICE)]
             return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
         x = preprocess(images.to(self.device))
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
         with _full_precision():
             if self._layers is None:
                 return {"pool": self.module(x).reshape(len(x), -1).float()}
