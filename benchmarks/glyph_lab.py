@@ -45,6 +45,7 @@ import harness
 from diffusers_ext import files
 from diffusers_ext.argtypes import non_negative_float, positive_float, positive_int
 from diffusers_ext.distill import DistillConfig, Distiller
+from diffusers_ext.distill.config import INHERITED_SCOPES
 from diffusers_ext.lab import pipelines as lab
 from diffusers_ext.lab.data import NUM_CLASSES, load_glyphs
 from diffusers_ext.pipeline_io import class_samples
@@ -147,7 +148,8 @@ class Study:
     def recipe(self) -> dict:
         """The fine-tune's settings: part of the cache key of every fine-tuned row."""
         args = self.args
-        return dict(distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr,
+        scope = {} if args.inherited == "sites" else dict(inherited=args.inherited)   # (earlier rows' keys kept)
+        return dict(distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr, **scope,
                     **(self.trajectory_fields() or dict(labels="own")))
 
     def distiller(self, pipe, method: str, options: dict, **config) -> Distiller:
@@ -155,7 +157,7 @@ class Study:
         or on the stock model's own guided sampling runs at the SiT's recipe (`--latents trajectory`)."""
         args, trajectory = self.args, self.trajectory_fields()
         config = DistillConfig(batch_size=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr,
-                               warmup_steps=10, **config, **trajectory)
+                               inherited=args.inherited, warmup_steps=10, **config, **trajectory)
         data = {} if trajectory else dict(data=self.train_images, labels=self.train_labels)
         return Distiller(pipe, method, config, options=options, **data)
 
@@ -352,6 +354,9 @@ def main(argv=None) -> int:
                         help="--latents trajectory: sampling runs of --distill-batch glyphs recorded")
     parser.add_argument("--lr", type=positive_float, default=1e-3)
     parser.add_argument("--inherited-lr", type=non_negative_float, default=1e-4)
+    parser.add_argument("--inherited", choices=INHERITED_SCOPES, default="sites",
+                        help="pretrained weights the fine-tune trains at --inherited-lr: the method's (its patched "
+                             "layers' projections) or every weight of the SiT")
     parser.add_argument("--batch", type=positive_int, default=16, help="timing: images per denoiser call (x 2 with guidance)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timing: round-robin rounds")
     parser.add_argument("--floor-draws", type=positive_int, default=5,

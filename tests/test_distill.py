@@ -141,6 +141,39 @@ def test_noising_formulas():
     torch.testing.assert_close(xt, abar.sqrt() + (1 - abar).sqrt() * noise)
 
 
+def test_inherited_all_trains_every_pretrained_weight(tmp_path):
+    """`inherited="all"`: every weight of the denoiser trains at `inherited_lr` beside the method's new ones
+    (the papers' full fine-tunes); the teacher keeps the pretrained values; the saved folder reproduces the
+    student in a fresh model, and unpatching it restores every pretrained weight exactly."""
+    pipe = tiny_pipeline("dit")
+    model = pipe.transformer
+    ff = model.transformer_blocks[0].ff.net[0].proj.weight       # far from any attention layer
+    before = ff.detach().clone()
+    distiller = Distiller(pipe, "t5", _config(tmp_path, max_steps=3, inherited_lr=1e-2, inherited="all"))
+    assert set(distiller.trained_names) == {n for n, _ in model.named_parameters()}
+    sites_only = Distiller(tiny_pipeline("dit"), "t5", _config(tmp_path / "sites", max_steps=3, inherited_lr=1e-2))
+    assert set(sites_only.trained_names) < set(distiller.trained_names)
+    inputs = distiller.sample_batch(0)
+    teacher_before = distiller.teacher(inputs)
+    distiller.train(evaluate=False)
+    assert not torch.equal(ff.detach(), before)
+    torch.testing.assert_close(distiller.teacher(inputs), teacher_before)
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([100, 800]), torch.tensor([3, 1000])
+    with torch.no_grad():
+        student = model(x, timestep=t, class_labels=y).sample
+    fresh = tiny_pipeline("dit")
+    pretrained = {n: p.detach().clone() for n, p in fresh.transformer.named_parameters()}
+    dx.patch(fresh, "t5", weights=str(tmp_path / "out"))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.transformer(x, timestep=t, class_labels=y).sample, student)
+    dx.unpatch(fresh)
+    assert all(torch.equal(p.detach(), pretrained[n]) for n, p in fresh.transformer.named_parameters())
+    with pytest.raises(ValueError, match="inherited='all' trains pretrained weights: give inherited_lr > 0"):
+        _config(tmp_path, inherited="all")
+    with pytest.raises(ValueError, match="inherited must be one of sites, all, got 'everything'"):
+        _config(tmp_path, inherited="everything", inherited_lr=1e-3)
+
+
 def test_conditions_and_errors(tmp_path):
     pipe = tiny_pipeline("dit")
     cond = ClassConditions.for_model(pipe.transformer, labels=[3, 4], uncond_prob=0.5)

@@ -11,6 +11,7 @@ import argparse
 import json
 
 from ..argtypes import finite_float, positive_int
+from .config import INHERITED_SCOPES
 from .loop import MIXED_PRECISIONS
 
 
@@ -36,6 +37,9 @@ def register(subparsers) -> None:
     p.add_argument("--resolution", type=int, help="image size in pixels (default: the model's)")
     add_loop_arguments(p, batch_size=4, lr=1e-3)
     p.add_argument("--inherited-lr", type=finite_float, default=0.0, help="lr of inherited weights (0: frozen)")
+    p.add_argument("--inherited", choices=INHERITED_SCOPES, default="sites",
+                   help="which pretrained weights --inherited-lr trains: the method's (its patched layers' "
+                        "projections) or all of the denoiser's")
     p.set_defaults(func=run)
 
 
@@ -78,7 +82,8 @@ def run(args) -> int:
         latents=args.latents, trajectory_runs=args.trajectory_runs, trajectory_steps=args.trajectory_steps,
         trajectory_guidance=args.trajectory_guidance, resolution=args.resolution,
         batch_size=args.batch_size, max_steps=args.max_steps, lr=args.lr, inherited_lr=args.inherited_lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None,
+        inherited=args.inherited, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm or None,
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         cpu=args.cpu, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         resume=args.resume, seed=args.seed, progress=not args.no_progress,

@@ -10,6 +10,12 @@ from typing import Sequence
 from .loop import check_loop_config
 
 
+# What `inherited_lr` trains besides the method's new parameters: "sites", the pretrained weights the method
+# offers (`Method.trainable_parameters`: the patched attention layers' projections); "all", every pretrained
+# weight of the denoiser (the papers' full fine-tunes).
+INHERITED_SCOPES = ("sites", "all")
+
+
 @dataclass
 class DistillConfig:
     """Everything a distillation run needs besides the model and the method. The optimisation and
@@ -33,6 +39,7 @@ class DistillConfig:
     max_steps: int = 1000
     lr: float = 1e-3
     inherited_lr: float = 0.0                       # 0 keeps the inherited weights frozen
+    inherited: str = "sites"                        # which: "sites" (the method's) | "all" (INHERITED_SCOPES)
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
@@ -54,6 +61,10 @@ class DistillConfig:
                 raise ValueError(f"{name} must be a finite number, got {value}")
         if self.inherited_lr < 0:
             raise ValueError(f"inherited_lr must be >= 0, got {self.inherited_lr}")
+        if self.inherited not in INHERITED_SCOPES:
+            raise ValueError(f"inherited must be one of {', '.join(INHERITED_SCOPES)}, got {self.inherited!r}")
+        if self.inherited != "sites" and self.inherited_lr == 0:
+            raise ValueError(f"inherited={self.inherited!r} trains pretrained weights: give inherited_lr > 0")
         if not 0.0 <= self.uncond_prob <= 1.0:
             raise ValueError(f"uncond_prob must be in [0, 1], got {self.uncond_prob}")
         if not _is_count(self.trajectory_runs):

@@ -55,7 +55,8 @@ class Distiller:
     for a class-conditional model with its `labels` (N,), each sample drawn with its own class.
 
     What trains, the method says (`Method.trainable_parameters`): "new" parameters it added train
-    at `lr`, "inherited" pretrained ones it may adapt at `inherited_lr` (0 = frozen, the default).
+    at `lr`, "inherited" pretrained ones it may adapt at `inherited_lr` (0 = frozen, the default);
+    `config.inherited="all"` makes every pretrained weight of the denoiser inherited.
     """
 
     def __init__(self, pipe_or_model, method: str | None = None, config: DistillConfig | None = None, *,
@@ -81,9 +82,11 @@ class Distiller:
 
         # what trains
         groups = self.method.trainable_parameters(record)
+        if config.inherited == "all":
+            groups = dict(groups, inherited=list(self.denoiser.parameters()))
         if config.inherited_lr > 0 and not groups.get("inherited"):
             raise ValueError(f"method {record.method!r} adapts no inherited weights: inherited_lr must be 0, "
-                             f"got {config.inherited_lr}")
+                             f"got {config.inherited_lr} (or train every weight: inherited='all')")
         new_params = _unique(groups.get("new", []))
         inherited = _unique(groups.get("inherited", [])) if config.inherited_lr > 0 else []
         inherited_params = [p for p in inherited if all(p is not q for q in new_params)]
