@@ -69,6 +69,7 @@ UNET_ROWS = {  # the speed / quality trade-off of the three training-free UNet m
 }
 CURVE_METHODS = {name: SIT_ROWS[name] for name in ("mediators n=64", "VCA 64", "LINA", "T^5")}
 CURVE_MINUTES = (0, 2, 5, 10, 20)
+ADDED_DEFAULTS = dict(inherited="sites", ema_decay=0.0)   # fine-tune settings added after the first cached rows
 
 
 def apply(pipe, method: str, options: dict, weights: str | None = None):
@@ -148,8 +149,10 @@ class Study:
     def recipe(self) -> dict:
         """The fine-tune's settings: part of the cache key of every fine-tuned row."""
         args = self.args
-        scope = {} if args.inherited == "sites" else dict(inherited=args.inherited)   # (earlier rows' keys kept)
-        return dict(distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr, **scope,
+        # settings added since the first rows enter the key only when used, so those rows keep their keys
+        added = {k: v for k, v in dict(inherited=args.inherited, ema_decay=args.ema_decay).items()
+                 if v != ADDED_DEFAULTS[k]}
+        return dict(distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr, **added,
                     **(self.trajectory_fields() or dict(labels="own")))
 
     def distiller(self, pipe, method: str, options: dict, **config) -> Distiller:
@@ -157,7 +160,8 @@ class Study:
         or on the stock model's own guided sampling runs at the SiT's recipe (`--latents trajectory`)."""
         args, trajectory = self.args, self.trajectory_fields()
         config = DistillConfig(batch_size=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr,
-                               inherited=args.inherited, warmup_steps=10, **config, **trajectory)
+                               inherited=args.inherited, ema_decay=args.ema_decay, warmup_steps=10, **config,
+                               **trajectory)
         data = {} if trajectory else dict(data=self.train_images, labels=self.train_labels)
         return Distiller(pipe, method, config, options=options, **data)
 
@@ -357,6 +361,8 @@ def main(argv=None) -> int:
     parser.add_argument("--inherited", choices=INHERITED_SCOPES, default="sites",
                         help="pretrained weights the fine-tune trains at --inherited-lr: the method's (its patched "
                              "layers' projections) or every weight of the SiT")
+    parser.add_argument("--ema-decay", type=non_negative_float, default=0.0,
+                        help="fine-tunes keep an EMA of the trained weights and are evaluated with it (0: none)")
     parser.add_argument("--batch", type=positive_int, default=16, help="timing: images per denoiser call (x 2 with guidance)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timing: round-robin rounds")
     parser.add_argument("--floor-draws", type=positive_int, default=5,

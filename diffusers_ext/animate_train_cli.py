@@ -60,7 +60,8 @@ def run(args) -> int:
         anchor_attention=args.anchor_attention, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         gradient_checkpointing=args.gradient_checkpointing, batch_size=args.batch_size, max_steps=args.max_steps,
         lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-        max_grad_norm=args.max_grad_norm or None, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm or None, ema_decay=args.ema_decay,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision, cpu=args.cpu, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, seed=args.seed, progress=not args.no_progress,
     )

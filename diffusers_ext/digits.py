@@ -233,6 +233,8 @@ def train_generator(steps: int = 1300, batch_size: int = 64, lr: float = 1e-3, w
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
                                                  0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    from .distill.loop import ema_update
+
     generator = torch.Generator().manual_seed(seed)
     data = batches(images, labels, batch_size, generator)
     losses, start = [], time.perf_counter()
@@ -249,10 +251,7 @@ def train_generator(steps: int = 1300, batch_size: int = 64, lr: float = 1e-3, w
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - decay)
+        ema_update(list(ema.parameters()), list(model.parameters()), ema_decay, step)
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")

@@ -410,6 +410,7 @@ class _LoopConfig:
     keep_checkpoints: int = 2
     resume: str | None = None
     progress: bool = False
+    ema_decay: float = 0.0
 
 
 def _toy_data():
@@ -480,3 +481,40 @@ def test_training_loop_resume_continues_exactly(tmp_path):
     assert seen == [4, 5, 6, 7]
     for mine, theirs in zip(model.parameters(), straight.model.parameters()):
         assert torch.equal(mine.detach(), theirs.detach())
+
+
+def test_training_loop_ema_is_the_warmed_up_average_of_the_iterates(tmp_path):
+    """With `ema_decay` the loop returns the exponential moving average of its iterates (decay
+    min(0.5, (1 + s) / (10 + s)) after 0-based step s), written as the checkpoints' weights, while
+    training goes on from the iterate: a run resumed from a checkpoint ends with the same average."""
+    plain, model, loss = _toy_loop(_LoopConfig(str(tmp_path / "plain"), max_steps=1), [])
+    iterates = [[p.detach().clone() for p in model.parameters()]]
+    for steps in (1, 2, 3):
+        plain.config.max_steps = steps
+        plain.run(loss)
+        iterates.append([p.detach().clone() for p in model.parameters()])
+    average = [t.clone() for t in iterates[0]]
+    for s, weights in enumerate(iterates[1:]):
+        d = min(0.5, (1 + s) / (10 + s))
+        average = [a + (1 - d) * (w - a) for a, w in zip(average, weights)]
+
+    straight, model, loss = _toy_loop(_LoopConfig(str(tmp_path / "a"), max_steps=3, ema_decay=0.5), [])
+    straight.run(loss)
+    for mine, expected in zip(model.parameters(), average):
+        torch.testing.assert_close(mine.detach(), expected)
+    assert not torch.equal(model.weight.detach(), iterates[-1][0])            # the average, not the iterate
+
+    first, model, loss = _toy_loop(_LoopConfig(str(tmp_path / "b"), max_steps=2, checkpoint_every=1, keep_checkpoints=1,
+                                               ema_decay=0.5), [])
+    first.run(loss)
+    saved = torch.load(tmp_path / "b" / "checkpoint-2" / "model.pt")
+    assert torch.equal(saved["weight"], model.weight.detach())                 # the checkpoint holds the average
+    assert not torch.equal(saved["weight"], iterates[2][0])
+    resumed, model, loss = _toy_loop(_LoopConfig(str(tmp_path / "b"), max_steps=3, resume="latest", ema_decay=0.5), [])
+    resumed.resume()
+    assert torch.equal(model.weight.detach(), iterates[2][0])                  # training goes on from the iterate
+    resumed.run(loss)
+    for mine, theirs in zip(model.parameters(), straight.model.parameters()):
+        assert torch.equal(mine.detach(), theirs.detach())
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
+        _config(tmp_path, ema_decay=1.0)

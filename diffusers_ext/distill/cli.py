@@ -52,6 +52,8 @@ def add_loop_arguments(p: argparse.ArgumentParser, *, batch_size: int, lr: float
     p.add_argument("--weight-decay", type=finite_float, default=0.0)
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--max-grad-norm", type=finite_float, default=1.0, help="0: no clipping")
+    p.add_argument("--ema-decay", type=finite_float, default=0.0,
+                   help="exponential moving average of the trained weights, saved as the result (0: none)")
     p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
     p.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default="no")
     p.add_argument("--dtype", default="float32", help="dtype the model is loaded in (keep float32 for training)")
@@ -83,7 +85,7 @@ def run(args) -> int:
         trajectory_guidance=args.trajectory_guidance, resolution=args.resolution,
         batch_size=args.batch_size, max_steps=args.max_steps, lr=args.lr, inherited_lr=args.inherited_lr,
         inherited=args.inherited, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-        max_grad_norm=args.max_grad_norm or None,
+        max_grad_norm=args.max_grad_norm or None, ema_decay=args.ema_decay,
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         cpu=args.cpu, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         resume=args.resume, seed=args.seed, progress=not args.no_progress,

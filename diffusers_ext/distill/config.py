@@ -43,6 +43,7 @@ class DistillConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
+    ema_decay: float = 0.0                          # EMA of the trained weights, saved as the result (0: none)
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"                     # "no" | "fp16" | "bf16"
     cpu: bool = False                               # force the CPU even with a GPU

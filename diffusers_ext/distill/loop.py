@@ -2,9 +2,10 @@
 
 accelerate throughout: CPU, one GPU, `accelerate launch` multi-GPU / multi-node (DDP), mixed precision
 (autocast), gradient accumulation. AdamW over the given parameter groups (each with its own lr), a
-linear warmup, gradient clipping, a progress bar. Checkpoints (`<output_dir>/checkpoint-<step>`) hold
-what the caller's `save_weights` writes plus the optimizer and lr-schedule state; `resume="latest"`
-continues from the newest. The loss draws its own batch from the index it is given, so a resumed
+linear warmup, gradient clipping, an optional exponential moving average of the trained weights
+(`ema_decay`), a progress bar. Checkpoints (`<output_dir>/checkpoint-<step>`) hold what the caller's
+`save_weights` writes (the averaged weights when `ema_decay` > 0: the run's result at that step) plus
+the optimizer and lr-schedule state and the raw weights; `resume="latest"` continues from the newest. The loss draws its own batch from the index it is given, so a resumed
 run sees the same batches as an uninterrupted one.
 
     accelerator = make_accelerator(config)
@@ -38,6 +39,7 @@ class LoopConfig(Protocol):
     weight_decay: float
     warmup_steps: int                   # linear warmup of every group's lr (0: none)
     max_grad_norm: float | None         # clip the trained parameters' gradient norm (None / 0: no clipping)
+    ema_decay: float                    # EMA of the trained weights, the run's result (0: none, the last iterate)
     gradient_accumulation_steps: int
     mixed_precision: str                # "no" | "fp16" | "bf16"
     cpu: bool
@@ -67,9 +69,20 @@ def check_loop_config(config) -> None:
         value = getattr(config, name)
         if value is not None and value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if not 0.0 <= config.ema_decay < 1.0:   # (nan fails too)
+        raise ValueError(f"ema_decay must be in [0, 1) (0: no averaging), got {config.ema_decay}")
     if config.mixed_precision not in MIXED_PRECISIONS:
         raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, "
                          f"got {config.mixed_precision!r}")
+
+
+@torch.no_grad()
+def ema_update(average: list[torch.Tensor], weights: list[torch.Tensor], decay: float, step: int) -> None:
+    """average <- average + (1 - d) (weights - average) after the 0-based optimizer step `step`, with
+    d = min(decay, (1 + step) / (10 + step)): the usual warm-up, so a short run's average is not dominated
+    by its starting point. Every trainer's EMA (the loop's, the lab's and the digits model's)."""
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(average, [w.detach() for w in weights], 1.0 - d)
 
 
 def batch_generator(seed: int, index: int, rank: int = 0) -> torch.Generator:
@@ -96,7 +109,11 @@ class TrainingLoop:
     `loss(batch_index)`. `model` moves to the accelerator's device and is wrapped for DDP when there
     are several processes (`self.model`; one process: the model itself, no rewritten `forward`).
     `save_weights(folder)` writes the trained tensors (called on the main process only);
-    `load_weights(folder)` reads them back on resume."""
+    `load_weights(folder)` reads them back on resume.
+
+    With `config.ema_decay` > 0 the loop keeps an exponential moving average of the trained weights
+    (`ema_update`); `run` returns with the average in the model, and checkpoints write it as their
+    weights."""
 
     def __init__(self, accelerator, config: LoopConfig, model: torch.nn.Module, param_groups: list[dict[str, Any]], *,
                  save_weights: Callable[[Path], Any], load_weights: Callable[[Path], Any]):
@@ -111,6 +128,8 @@ class TrainingLoop:
         self.model = accelerator.prepare_model(model) if accelerator.num_processes > 1 else model
         self.optimizer, self.lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
         self.step = 0  # optimizer steps done
+        self.ema = [p.detach().clone() for p in self.parameters] if config.ema_decay else None
+        self._raw: list[torch.Tensor] | None = None   # the iterate while the average sits in the model
 
     def run(self, loss: Callable[[int], torch.Tensor], desc: str = "train") -> list[float]:
         """Optimizer steps until `config.max_steps`; `loss(i)` is the loss of micro-batch
@@ -118,6 +137,7 @@ class TrainingLoop:
         config, accelerator = self.config, self.accelerator
         from tqdm.auto import tqdm
 
+        self._swap_in_raw()
         bar = tqdm(total=config.max_steps, initial=self.step, desc=desc,
                    disable=not (config.progress and accelerator.is_local_main_process))
         losses: list[float] = []
@@ -142,12 +162,38 @@ class TrainingLoop:
             if accelerator.sync_gradients:
                 micro = 0
                 self.step += 1
+                self._update_ema()
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4g}")
                 if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                     self.save_checkpoint()
         bar.close()
+        self._swap_in_average()
         return losses
+
+    # --- the average --------------------------------------------------------------------------------------
+
+    def _update_ema(self) -> None:
+        if self.ema is not None:
+            ema_update(self.ema, self.parameters, self.config.ema_decay, self.step - 1)
+
+    @torch.no_grad()
+    def _swap_in_average(self) -> None:
+        """The model takes the average; the iterate is kept (`_raw`) to go on training or to checkpoint."""
+        if self.ema is None or self._raw is not None:
+            return
+        self._raw = [p.detach().clone() for p in self.parameters]
+        torch._foreach_copy_([p.detach() for p in self.parameters], self.ema)
+
+    @torch.no_grad()
+    def _swap_in_raw(self) -> None:
+        if self._raw is None:
+            return
+        torch._foreach_copy_([p.detach() for p in self.parameters], self._raw)
+        self._raw = None
+
+    def _raw_weights(self) -> list[torch.Tensor]:
+        return self._raw if self._raw is not None else [p.detach() for p in self.parameters]
 
     def save_checkpoint(self) -> Path:
         """`<output_dir>/checkpoint-<step>`: the weights plus the optimizer and lr-schedule state;
@@ -156,10 +202,18 @@ class TrainingLoop:
         folder = Path(self.config.output_dir) / f"{CHECKPOINT_PREFIX}{self.step}"
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self.save_weights(folder)
-            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                        "lr_scheduler": self.lr_scheduler.state_dict(), "config": asdict(self.config)},
-                       folder / TRAINER_STATE)
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                     "lr_scheduler": self.lr_scheduler.state_dict(), "config": asdict(self.config)}
+            if self.ema is not None:      # the folder's weights are the average; the iterate goes on from here
+                state["raw"] = [t.clone() for t in self._raw_weights()]
+                swapped = self._raw is None
+                self._swap_in_average()
+                self.save_weights(folder)
+                if swapped:
+                    self._swap_in_raw()
+            else:
+                self.save_weights(folder)
+            torch.save(state, folder / TRAINER_STATE)
             old = sorted(checkpoints(self.config.output_dir))[:-self.config.keep_checkpoints or None]
             for _, path in old if self.config.keep_checkpoints else []:
                 _remove_tree(path)
@@ -188,6 +242,13 @@ class TrainingLoop:
             folder = Path(where)
         self.load_weights(folder)
         state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            if self.ema is not None:      # the folder's weights: the average (or the iterate, if made without one)
+                torch._foreach_copy_(self.ema, [p.detach() for p in self.parameters])
+            if "raw" in state:
+                torch._foreach_copy_([p.detach() for p in self.parameters], [t.to(p.device) for t, p in
+                                                                             zip(state["raw"], self.parameters)])
+        self._raw = None
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step = int(state["step"])

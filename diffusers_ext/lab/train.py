@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..digits import interpolant_batch
+from ..distill.loop import ema_update
 from ..files import atomic_path, atomic_write_text, save_safetensors
 from . import models
 from .data import NUM_CLASSES, Glyphs, batch_at, load_glyphs
@@ -229,10 +230,7 @@ def train(kind: str, out: str | Path, *, minutes: float | None = None, resume: b
             optimizer.step()
             scheduler.step()
             if ema is not None:
-                decay = min(config.ema_decay, (1 + step) / (10 + step))
-                with torch.no_grad():
-                    for e, p in zip(ema.parameters(), model.parameters()):
-                        e.lerp_(p, 1 - decay)
+                ema_update(list(ema.parameters()), list(model.parameters()), config.ema_decay, step)
             window.append(loss.item())
             record["step"] = step + 1
             record["minutes"] = minutes_before + (time.perf_counter() - start) / 60

@@ -69,6 +69,7 @@ class MotionTrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
+    ema_decay: float = 0.0              # EMA of the trained weights, saved as the result (0: none)
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"          # "no" | "fp16" | "bf16"
     cpu: bool = False
