@@ -69,7 +69,7 @@ UNET_ROWS = {  # the speed / quality trade-off of the three training-free UNet m
 }
 CURVE_METHODS = {name: SIT_ROWS[name] for name in ("mediators n=64", "VCA 64", "LINA", "T^5")}
 CURVE_MINUTES = (0, 2, 5, 10, 20)
-ADDED_DEFAULTS = dict(inherited="sites", ema_decay=0.0)   # fine-tune settings added after the first cached rows
+ADDED_DEFAULTS = dict(inherited="sites", ema_decay=0.0, uncond_prob=0.1)   # fine-tune settings added after the first rows
 
 
 def apply(pipe, method: str, options: dict, weights: str | None = None):
@@ -150,8 +150,8 @@ class Study:
         """The fine-tune's settings: part of the cache key of every fine-tuned row."""
         args = self.args
         # settings added since the first rows enter the key only when used, so those rows keep their keys
-        added = {k: v for k, v in dict(inherited=args.inherited, ema_decay=args.ema_decay).items()
-                 if v != ADDED_DEFAULTS[k]}
+        added = {k: v for k, v in dict(inherited=args.inherited, ema_decay=args.ema_decay,
+                                       uncond_prob=args.uncond_prob).items() if v != ADDED_DEFAULTS[k]}
         return dict(distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr, **added,
                     **(self.trajectory_fields() or dict(labels="own")))
 
@@ -160,8 +160,8 @@ class Study:
         or on the stock model's own guided sampling runs at the SiT's recipe (`--latents trajectory`)."""
         args, trajectory = self.args, self.trajectory_fields()
         config = DistillConfig(batch_size=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr,
-                               inherited=args.inherited, ema_decay=args.ema_decay, warmup_steps=10, **config,
-                               **trajectory)
+                               inherited=args.inherited, ema_decay=args.ema_decay, uncond_prob=args.uncond_prob,
+                               warmup_steps=10, **config, **trajectory)
         data = {} if trajectory else dict(data=self.train_images, labels=self.train_labels)
         return Distiller(pipe, method, config, options=options, **data)
 
@@ -358,10 +358,12 @@ def main(argv=None) -> int:
                         help="--latents trajectory: sampling runs of --distill-batch glyphs recorded")
     parser.add_argument("--lr", type=positive_float, default=1e-3)
     parser.add_argument("--inherited-lr", type=non_negative_float, default=1e-4)
-    parser.add_argument("--inherited", choices=INHERITED_SCOPES, default="sites",
+    parser.add_argument("--inherited", choices=INHERITED_SCOPES, default=ADDED_DEFAULTS["inherited"],
                         help="pretrained weights the fine-tune trains at --inherited-lr: the method's (its patched "
                              "layers' projections) or every weight of the SiT")
-    parser.add_argument("--ema-decay", type=non_negative_float, default=0.0,
+    parser.add_argument("--uncond-prob", type=non_negative_float, default=ADDED_DEFAULTS["uncond_prob"],
+                        help="share of fine-tune samples drawn with the null class (guided sampling calls both: 0.5)")
+    parser.add_argument("--ema-decay", type=non_negative_float, default=ADDED_DEFAULTS["ema_decay"],
                         help="fine-tunes keep an EMA of the trained weights and are evaluated with it (0: none)")
     parser.add_argument("--batch", type=positive_int, default=16, help="timing: images per denoiser call (x 2 with guidance)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timing: round-robin rounds")
