@@ -69,7 +69,8 @@ UNET_ROWS = {  # the speed / quality trade-off of the three training-free UNet m
 }
 CURVE_METHODS = {name: SIT_ROWS[name] for name in ("mediators n=64", "VCA 64", "LINA", "T^5")}
 CURVE_MINUTES = (0, 2, 5, 10, 20)
-ADDED_DEFAULTS = dict(inherited="sites", ema_decay=0.0, uncond_prob=0.1)   # fine-tune settings added after the first rows
+# fine-tune settings added after the first cached rows, with the defaults those rows were made with
+ADDED_DEFAULTS = dict(inherited="sites", ema_decay=0.0, uncond_prob=0.1)
 
 
 def apply(pipe, method: str, options: dict, weights: str | None = None):
@@ -362,7 +363,8 @@ def main(argv=None) -> int:
                         help="pretrained weights the fine-tune trains at --inherited-lr: the method's (its patched "
                              "layers' projections) or every weight of the SiT")
     parser.add_argument("--uncond-prob", type=non_negative_float, default=ADDED_DEFAULTS["uncond_prob"],
-                        help="share of fine-tune samples drawn with the null class (guided sampling calls both: 0.5)")
+                        help="share of fine-tune samples drawn with the null class (guided sampling calls "
+                             "both: 0.5)")
     parser.add_argument("--ema-decay", type=non_negative_float, default=ADDED_DEFAULTS["ema_decay"],
                         help="fine-tunes keep an EMA of the trained weights and are evaluated with it (0: none)")
     parser.add_argument("--batch", type=positive_int, default=16, help="timing: images per denoiser call (x 2 with guidance)")

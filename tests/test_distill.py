@@ -504,13 +504,14 @@ def test_training_loop_ema_is_the_warmed_up_average_of_the_iterates(tmp_path):
         torch.testing.assert_close(mine.detach(), expected)
     assert not torch.equal(model.weight.detach(), iterates[-1][0])            # the average, not the iterate
 
-    first, model, loss = _toy_loop(_LoopConfig(str(tmp_path / "b"), max_steps=2, checkpoint_every=1, keep_checkpoints=1,
-                                               ema_decay=0.5), [])
+    first, model, loss = _toy_loop(_LoopConfig(str(tmp_path / "b"), max_steps=2, checkpoint_every=1,
+                                               keep_checkpoints=1, ema_decay=0.5), [])
     first.run(loss)
     saved = torch.load(tmp_path / "b" / "checkpoint-2" / "model.pt")
     assert torch.equal(saved["weight"], model.weight.detach())                 # the checkpoint holds the average
     assert not torch.equal(saved["weight"], iterates[2][0])
-    resumed, model, loss = _toy_loop(_LoopConfig(str(tmp_path / "b"), max_steps=3, resume="latest", ema_decay=0.5), [])
+    resumed, model, loss = _toy_loop(_LoopConfig(str(tmp_path / "b"), max_steps=3, resume="latest", ema_decay=0.5),
+                                     [])
     resumed.resume()
     assert torch.equal(model.weight.detach(), iterates[2][0])                  # training goes on from the iterate
     resumed.run(loss)

@@ -5,8 +5,9 @@ accelerate throughout: CPU, one GPU, `accelerate launch` multi-GPU / multi-node 
 linear warmup, gradient clipping, an optional exponential moving average of the trained weights
 (`ema_decay`), a progress bar. Checkpoints (`<output_dir>/checkpoint-<step>`) hold what the caller's
 `save_weights` writes (the averaged weights when `ema_decay` > 0: the run's result at that step) plus
-the optimizer and lr-schedule state and the raw weights; `resume="latest"` continues from the newest. The loss draws its own batch from the index it is given, so a resumed
-run sees the same batches as an uninterrupted one.
+the optimizer and lr-schedule state and the raw weights; `resume="latest"` continues from the newest.
+The loss draws its own batch from the index it is given, so a resumed run sees the same batches as an
+uninterrupted one.
 
     accelerator = make_accelerator(config)
     loop = TrainingLoop(accelerator, config, model, [{"params": params, "lr": 1e-4}],
