@@ -46,6 +46,7 @@ from diffusers_ext import files
 from diffusers_ext.argtypes import non_negative_float, positive_float, positive_int
 from diffusers_ext.distill import DistillConfig, Distiller
 from diffusers_ext.distill.config import INHERITED_SCOPES
+from diffusers_ext.distill.loop import MIXED_PRECISIONS
 from diffusers_ext.lab import pipelines as lab
 from diffusers_ext.lab.data import NUM_CLASSES, load_glyphs
 from diffusers_ext.pipeline_io import class_samples
@@ -70,7 +71,7 @@ UNET_ROWS = {  # the speed / quality trade-off of the three training-free UNet m
 CURVE_METHODS = {name: SIT_ROWS[name] for name in ("mediators n=64", "VCA 64", "LINA", "T^5")}
 CURVE_MINUTES = (0, 2, 5, 10, 20)
 # fine-tune settings added after the first cached rows, with the defaults those rows were made with
-ADDED_DEFAULTS = dict(inherited="sites", ema_decay=0.0, uncond_prob=0.1)
+ADDED_DEFAULTS = dict(inherited="sites", ema_decay=0.0, uncond_prob=0.1, mixed_precision="no")
 
 
 def apply(pipe, method: str, options: dict, weights: str | None = None):
@@ -151,8 +152,8 @@ class Study:
         """The fine-tune's settings: part of the cache key of every fine-tuned row."""
         args = self.args
         # settings added since the first rows enter the key only when used, so those rows keep their keys
-        added = {k: v for k, v in dict(inherited=args.inherited, ema_decay=args.ema_decay,
-                                       uncond_prob=args.uncond_prob).items() if v != ADDED_DEFAULTS[k]}
+        added = {k: v for k, v in dict(inherited=args.inherited, ema_decay=args.ema_decay, uncond_prob=args.uncond_prob,
+                                       mixed_precision=args.mixed_precision).items() if v != ADDED_DEFAULTS[k]}
         return dict(distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr, **added,
                     **(self.trajectory_fields() or dict(labels="own")))
 
@@ -162,7 +163,7 @@ class Study:
         args, trajectory = self.args, self.trajectory_fields()
         config = DistillConfig(batch_size=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr,
                                inherited=args.inherited, ema_decay=args.ema_decay, uncond_prob=args.uncond_prob,
-                               warmup_steps=10, **config, **trajectory)
+                               mixed_precision=args.mixed_precision, warmup_steps=10, **config, **trajectory)
         data = {} if trajectory else dict(data=self.train_images, labels=self.train_labels)
         return Distiller(pipe, method, config, options=options, **data)
 
@@ -180,7 +181,8 @@ class Study:
     def steps_per_minute(self, method: str, options: dict) -> float:
         """Fine-tune steps per minute of this CPU for `method` at the recipe, measured once (8 steps after 2)
         and cached."""
-        name = f"rate-{self.part}-{method}-{self.args.distill_batch}.json"
+        precision = "" if self.args.mixed_precision == "no" else f"-{self.args.mixed_precision}"
+        name = f"rate-{self.part}-{method}-{self.args.distill_batch}{precision}.json"
         path = self.cache.root / name if self.cache.root else None
         if path is not None and path.is_file():
             return json.loads(path.read_text())["steps_per_minute"]
@@ -365,6 +367,8 @@ def main(argv=None) -> int:
     parser.add_argument("--uncond-prob", type=non_negative_float, default=ADDED_DEFAULTS["uncond_prob"],
                         help="share of fine-tune samples drawn with the null class (guided sampling calls "
                              "both: 0.5)")
+    parser.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default=ADDED_DEFAULTS["mixed_precision"],
+                        help="autocast of the fine-tunes (bf16 uses the CPU's bf16 units: more steps a minute)")
     parser.add_argument("--ema-decay", type=non_negative_float, default=ADDED_DEFAULTS["ema_decay"],
                         help="fine-tunes keep an EMA of the trained weights and are evaluated with it (0: none)")
     parser.add_argument("--batch", type=positive_int, default=16, help="timing: images per denoiser call (x 2 with guidance)")
