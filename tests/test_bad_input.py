@@ -230,6 +230,7 @@ class _Config:
     weight_decay = 0.0
     warmup_steps = 0
     max_grad_norm = None
+    ema_decay = 0.0
     gradient_accumulation_steps = 1
     mixed_precision = "no"
     cpu = True

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CLAIMS = [
     ("docs/agent.md", "add no recompiles",
      ["test_agent.py::test_torch_compile_with_block_hooks_does_not_recompile_every_step"]),
+    ("docs/distill.md", "restores every pretrained weight",
+     ["test_distill.py::test_inherited_all_trains_every_pretrained_weight"]),
     ("docs/distill.md", "resume == uninterrupted", ["test_distill.py::test_training_loop_resume_continues_exactly",
                                                     "test_distill.py::test_checkpoint_resume_equals_uninterrupted"]),
     ("docs/fid.md", "bit-identical whatever the batch",
