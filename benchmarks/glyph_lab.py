@@ -97,6 +97,19 @@ def denoiser_call(pipe, batch: int):
     return lambda: pipe.unet(x, torch.tensor(500), encoder_hidden_states=prompts)
 
 
+def trajectory_fields(args) -> dict:
+    """The `DistillConfig` fields of `--latents trajectory`; {} when the fine-tune is on the glyphs."""
+    return dict(latents="trajectory", trajectory_runs=args.trajectory_runs) if args.latents == "trajectory" else {}
+
+
+def finetune_config(args, **fields) -> DistillConfig:
+    """The fine-tunes' `DistillConfig` at the command line's recipe (`fields`: the run's own, e.g. its folder and
+    steps); `DistillConfig` checks the settings, so `main` builds one before anything loads."""
+    return DistillConfig(batch_size=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr,
+                         inherited=args.inherited, ema_decay=args.ema_decay, uncond_prob=args.uncond_prob,
+                         mixed_precision=args.mixed_precision, warmup_steps=10, **fields, **trajectory_fields(args))
+
+
 class Study:
     """The rows of one part: cached evaluation of configurations of one model (module doc)."""
 
@@ -143,11 +156,6 @@ class Study:
         print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
         return row
 
-    def trajectory_fields(self) -> dict:
-        """The `DistillConfig` fields of `--latents trajectory`; {} when the fine-tune is on the glyphs."""
-        args = self.args
-        return dict(latents="trajectory", trajectory_runs=args.trajectory_runs) if args.latents == "trajectory" else {}
-
     def recipe(self) -> dict:
         """The fine-tune's settings: part of the cache key of every fine-tuned row."""
         args = self.args
@@ -155,17 +163,13 @@ class Study:
         added = {k: v for k, v in dict(inherited=args.inherited, ema_decay=args.ema_decay, uncond_prob=args.uncond_prob,
                                        mixed_precision=args.mixed_precision).items() if v != ADDED_DEFAULTS[k]}
         return dict(distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr, **added,
-                    **(self.trajectory_fields() or dict(labels="own")))
+                    **(trajectory_fields(self.args) or dict(labels="own")))
 
     def distiller(self, pipe, method: str, options: dict, **config) -> Distiller:
         """A distillation of `method` at the recipe: on the training glyphs, each drawn with its own class,
         or on the stock model's own guided sampling runs at the SiT's recipe (`--latents trajectory`)."""
-        args, trajectory = self.args, self.trajectory_fields()
-        config = DistillConfig(batch_size=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr,
-                               inherited=args.inherited, ema_decay=args.ema_decay, uncond_prob=args.uncond_prob,
-                               mixed_precision=args.mixed_precision, warmup_steps=10, **config, **trajectory)
-        data = {} if trajectory else dict(data=self.train_images, labels=self.train_labels)
-        return Distiller(pipe, method, config, options=options, **data)
+        data = {} if trajectory_fields(self.args) else dict(data=self.train_images, labels=self.train_labels)
+        return Distiller(pipe, method, finetune_config(self.args, **config), options=options, **data)
 
     def distill(self, settings: dict, pipe, method: str, options: dict, steps: int, scratch: Path):
         """Fine-tune `pipe` (patched in place) to `steps`, resuming from the row's checkpoints."""
@@ -388,6 +392,10 @@ def main(argv=None) -> int:
         parser.error(f"--num must be a multiple of {NUM_CLASSES}")
     if args.cached_only and args.no_cache:
         parser.error("--cached-only reads the cache that --no-cache turns off: give one of them")
+    try:
+        finetune_config(args)
+    except ValueError as err:
+        parser.error(f"the fine-tune's settings: {err}")
     torch.set_num_threads(os.cpu_count() or 1)
     glyphs = load_glyphs()
     train = glyphs.split(held_out=False)

@@ -468,6 +468,10 @@ def test_sizes_and_counts_must_be_positive(argv, capsys):
     (["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
     (["--floor-draws", "0"], "argument --floor-draws: must be at least 1, got 0"),
     (["--cached-only", "--no-cache"], "--cached-only reads the cache that --no-cache turns off"),
+    (["--uncond-prob", "2"], "the fine-tune's settings: uncond_prob must be in [0, 1], got 2.0"),
+    (["--ema-decay", "1"], "the fine-tune's settings: ema_decay must be in [0, 1) (0: no averaging), got 1.0"),
+    (["--inherited", "all", "--inherited-lr", "0"],
+     "the fine-tune's settings: inherited='all' trains pretrained weights: give inherited_lr > 0"),
 ])
 def test_the_glyph_study_refuses_bad_numbers_before_loading(argv, message, capsys, monkeypatch):
     """Old: `glyph_lab.py --distill-minutes -1` ran the study with a negative fine-tune budget."""
