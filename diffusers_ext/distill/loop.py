@@ -205,15 +205,13 @@ class TrainingLoop:
         if self.accelerator.is_main_process:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                      "lr_scheduler": self.lr_scheduler.state_dict(), "config": asdict(self.config)}
-            if self.ema is not None:      # the folder's weights are the average; the iterate goes on from here
+            training = self._raw is None   # the iterate is in the model (mid-run): put it back after saving
+            if self.ema is not None:        # the folder's weights are the average; the iterate goes on from here
                 state["raw"] = [t.clone() for t in self._raw_weights()]
-                swapped = self._raw is None
-                self._swap_in_average()
-                self.save_weights(folder)
-                if swapped:
-                    self._swap_in_raw()
-            else:
-                self.save_weights(folder)
+            self._swap_in_average()         # (nothing without an average)
+            self.save_weights(folder)
+            if training:
+                self._swap_in_raw()
             torch.save(state, folder / TRAINER_STATE)
             old = sorted(checkpoints(self.config.output_dir))[:-self.config.keep_checkpoints or None]
             for _, path in old if self.config.keep_checkpoints else []:
