@@ -256,7 +256,10 @@ def run_curves(study: Study, scratch: Path) -> None:
         if args.rows and name not in args.rows:
             continue
         rate = study.steps_per_minute(method, options)
-        base = study.settings(name, method, options, "curve", rate=round(rate, 3), **study.recipe())
+        # teacher="stock": the points after the first are trained further by a new distiller on the same model;
+        # before session 14 its teacher took the first student's inherited weights as the stock ones
+        # (`weights.keep_pretrained`), so rows cached without this key are stale
+        base = study.settings(name, method, options, "curve", rate=round(rate, 3), teacher="stock", **study.recipe())
         pipe = study.load()
         for m in minutes:
             if m == 0:      # training-free: the same point for every recipe

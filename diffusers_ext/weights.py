@@ -107,21 +107,36 @@ def load_weights(folder: str | Path, denoiser: torch.nn.Module, config: dict[str
         k = mismatched[0]
         raise ValueError(f"weights in {folder} do not fit this model: {k} is {tuple(tensors[k].shape)} there, "
                          f"{tuple(own[k].shape)} here ({len(mismatched)} such tensors)")
+    keep_pretrained(denoiser, tensors)          # the inherited weights the fine-tune changed, as they are now
     with torch.no_grad():
-        stash = denoiser.__dict__.setdefault(INHERITED_ORIGINALS, {})
         for name, value in tensors.items():
-            if PROCESSOR_MARK not in name and name not in stash:  # an inherited weight the fine-tune changed
-                stash[name] = own[name].detach().clone()
             own[name].copy_(value.to(own[name].dtype))
     return sorted(tensors)
 
 
 # --- inherited weights: a weights folder may also hold fine-tuned pretrained tensors (e.g. attention
-# projections, under the denoiser's own names). Loading them overwrites the model's values; their
-# originals are kept on the denoiser so that `restore_inherited` can put them back after `unpatch`.
+# projections, under the denoiser's own names). Loading them, or a fine-tune in place, overwrites the
+# model's values; their originals are kept on the denoiser (`keep_pretrained`) so that `restore_inherited`
+# can put them back after `unpatch`.
 
 PROCESSOR_MARK = ".processor."
 INHERITED_ORIGINALS = "_diffusers_ext_inherited_originals"
+
+
+def keep_pretrained(denoiser: torch.nn.Module, names) -> dict[str, torch.Tensor]:
+    """The pretrained values of the denoiser's tensors `names` (state-dict names; a patch's own tensors, under
+    `PROCESSOR_MARK`, are skipped): copied the first time anything is about to change them (a weights folder, a
+    fine-tune in place) and kept until `restore_inherited`. A model already fine-tuned in memory or loaded from
+    a folder thus still knows its stock weights: `unpatch` restores them, and a distiller's teacher is the stock
+    model, never the student's inherited weights."""
+    stash = denoiser.__dict__.setdefault(INHERITED_ORIGINALS, {})
+    own = denoiser.state_dict(keep_vars=True)
+    names = [name for name in names if PROCESSOR_MARK not in name]
+    with torch.no_grad():
+        for name in names:
+            if name not in stash:
+                stash[name] = own[name].detach().clone()
+    return {name: stash[name] for name in names}
 
 
 def restore_inherited(denoiser: torch.nn.Module) -> list[str]:

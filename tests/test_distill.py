@@ -104,6 +104,41 @@ def test_inherited_weights_train_and_teacher_keeps_pretrained(tmp_path):
     assert torch.equal(fresh_q.detach(), pretrained)
 
 
+@pytest.mark.parametrize("options", [None, {"mediators": 16}])    # the same patch, or patched again
+def test_a_model_trained_further_is_still_taught_by_the_stock_model(tmp_path, options):
+    """A second fine-tune of a model whose inherited weights a first one changed in place (a study resuming one
+    run at its next checkpoint in the same process), or that was patched from a weights folder: its teacher
+    is the stock model, not the first student's weights; the trajectory recording's teacher context swaps the
+    stock values in and back out; `unpatch` after both restores every stock weight."""
+    pipe = tiny_pipeline("dit")
+    model = pipe.transformer
+    stock_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([100, 800]), torch.tensor([3, 1000])
+
+    def run(inputs_model):
+        with torch.no_grad():
+            return inputs_model(x, timestep=t, class_labels=y).sample
+
+    stock = run(model)
+    config = dict(max_steps=3, inherited_lr=1e-2, inherited="all", checkpoint_every=3)
+    Distiller(pipe, "mediator", _config(tmp_path, **config), options={"mediators": 16}).train(evaluate=False)
+    assert not torch.equal(run(model), stock)
+    further = Distiller(pipe, "mediator", _config(tmp_path, **config, resume="latest"), options=options)
+    inputs = dict(hidden_states=x, timestep=t, class_labels=y)
+    torch.testing.assert_close(further.teacher(inputs), stock, rtol=0, atol=0)
+    further.loop.resume()
+    student = run(model)
+    with teacher_mode(model, further.record, further.frozen):
+        torch.testing.assert_close(run(model), stock, rtol=0, atol=0)
+    torch.testing.assert_close(run(model), student, rtol=0, atol=0)     # the student's weights are back
+    dx.unpatch(pipe)
+    assert all(torch.equal(p.detach(), stock_weights[n]) for n, p in model.named_parameters())
+    # a model patched from the folder: the teacher is still the stock model
+    dx.patch(pipe, "mediator", weights=str(tmp_path / "out"))
+    torch.testing.assert_close(Distiller(pipe, None, _config(tmp_path / "again", **config)).teacher(inputs), stock,
+                               rtol=0, atol=0)
+
+
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
     straight = Distiller(tiny_pipeline("dit"), "t5", _config(tmp_path / "a", max_steps=6))
     straight.train(evaluate=False)

@@ -22,24 +22,35 @@ import torch.nn.functional as F
 from ..families import find_denoiser, get_family
 from ..patching import RECORD_ATTRIBUTE, PatchRecord, patch
 from ..registry import get_method
+from ..weights import keep_pretrained
 from .config import DistillConfig, DistillResult
 from .data import Conditions, DistillData
 from .loop import TrainingLoop, make_accelerator
 
 
 @contextlib.contextmanager
-def teacher_mode(denoiser: torch.nn.Module, record: PatchRecord):
-    """Inside: every patched site runs its original processor (the unpatched model). Restored after."""
+def teacher_mode(denoiser: torch.nn.Module, record: PatchRecord, pretrained: dict[str, torch.Tensor] | None = None):
+    """Inside: every patched site runs its original processor, and the tensors of `pretrained` (name ->
+    stock value) hold their stock values (copied in, then back): the unpatched stock model. Restored after.
+    (The per-step teacher passes its stock tensors through `functional_call` instead, without copies.)"""
     modules = dict(denoiser.named_modules())
     installed = {name: modules[name].processor for name in record.sites}
     guard = record.state.guard     # the check that the patch's processors are in place: off while swapped
     pause = guard.pause() if guard is not None else contextlib.nullcontext()
+    own = denoiser.state_dict(keep_vars=True)
+    current = {name: own[name].detach().clone() for name in pretrained or {}}
     try:
         with pause:
             for name in record.sites:
                 modules[name].set_processor(record.originals[name])
+            with torch.no_grad():
+                for name, value in (pretrained or {}).items():
+                    own[name].copy_(value)
             yield denoiser
     finally:
+        with torch.no_grad():
+            for name, value in current.items():
+                own[name].copy_(value)
         for name, processor in installed.items():
             modules[name].set_processor(processor)
 
@@ -97,13 +108,16 @@ class Distiller:
         self.denoiser.requires_grad_(False)
         for p in self.trained_names.values():
             p.requires_grad_(True)
-        # the teacher's pretrained values of inherited weights that train (only those are copied)
-        self.frozen = {names[id(p)]: p.detach().clone().to(self.device) for p in inherited_params}
+        # the teacher's values of the inherited weights that train: the stock model's, kept on the denoiser
+        # (also for `unpatch`) before the first fine-tune changes them, so a model trained further, in memory or
+        # from a weights folder, is still taught by the stock model and not by its own earlier fine-tune
+        self.frozen = {name: value.to(self.device) for name, value in
+                       keep_pretrained(self.denoiser, [names[id(p)] for p in inherited_params]).items()}
 
         self.data = DistillData(self.denoiser, self.pipe, get_family(record.family), config,
                                 device=self.device, rank=self.accelerator.process_index,
                                 shared_timestep=self.shared_timestep,
-                                teacher_context=lambda: teacher_mode(self.denoiser, self.record),
+                                teacher_context=lambda: teacher_mode(self.denoiser, self.record, self.frozen),
                                 conditions=conditions, noising=noising, latent_size=latent_size, data=data,
                                 labels=labels)
 
