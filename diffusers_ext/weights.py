@@ -140,7 +140,8 @@ def keep_pretrained(denoiser: torch.nn.Module, names) -> dict[str, torch.Tensor]
 
 
 def restore_inherited(denoiser: torch.nn.Module) -> list[str]:
-    """Put back the pretrained values of inherited tensors a weights folder overwrote; returns their names."""
+    """Put back the pretrained values of inherited tensors a weights folder or a fine-tune overwrote (the ones
+    `keep_pretrained` kept); returns their names."""
     stash = denoiser.__dict__.pop(INHERITED_ORIGINALS, {})
     own = denoiser.state_dict(keep_vars=True)
     with torch.no_grad():
