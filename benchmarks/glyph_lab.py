@@ -185,10 +185,11 @@ class Study:
     def steps_per_minute(self, method: str, options: dict) -> float:
         """Fine-tune steps per minute of this CPU for `method` at the recipe, measured once (8 steps after 2)
         and cached."""
-        # what changes a step's cost besides the method and batch, named when not the default
-        precision = "" if self.args.mixed_precision == "no" else f"-{self.args.mixed_precision}"
-        scope = "" if self.args.inherited == "sites" else f"-{self.args.inherited}"     # every weight's gradients
-        name = f"rate-{self.part}-{method}-{self.args.distill_batch}{precision}{scope}.json"
+        # what changes a step's cost besides the method and batch (autocast; every weight's gradients), named when
+        # not the default: rate-curves-mediator-16-bf16-all.json
+        costs = "".join(f"-{getattr(self.args, k)}" for k in ("mixed_precision", "inherited")
+                        if getattr(self.args, k) != ADDED_DEFAULTS[k])
+        name = f"rate-{self.part}-{method}-{self.args.distill_batch}{costs}.json"
         path = self.cache.root / name if self.cache.root else None
         if path is not None and path.is_file():
             return json.loads(path.read_text())["steps_per_minute"]

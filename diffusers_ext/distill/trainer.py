@@ -37,14 +37,15 @@ def teacher_mode(denoiser: torch.nn.Module, record: PatchRecord, pretrained: dic
     installed = {name: modules[name].processor for name in record.sites}
     guard = record.state.guard     # the check that the patch's processors are in place: off while swapped
     pause = guard.pause() if guard is not None else contextlib.nullcontext()
-    own = denoiser.state_dict(keep_vars=True)
-    current = {name: own[name].detach().clone() for name in pretrained or {}}
+    pretrained = pretrained or {}
+    own = denoiser.state_dict(keep_vars=True) if pretrained else {}      # not on the per-step teacher's path
+    current = {name: own[name].detach().clone() for name in pretrained}
     try:
         with pause:
             for name in record.sites:
                 modules[name].set_processor(record.originals[name])
             with torch.no_grad():
-                for name, value in (pretrained or {}).items():
+                for name, value in pretrained.items():
                     own[name].copy_(value)
             yield denoiser
     finally:
