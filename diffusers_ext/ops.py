@@ -361,7 +361,7 @@ def differential_read_norm(q: torch.Tensor, k_pos: torch.Tensor, k_neg: torch.Te
 # LINA: division-normalised ReLU linear attention with a KV gate (Wang et al.; SANA's kernel form).
 # Shapes per head: q (B, h, N, d); k, v (B, h, M, d); gates broadcastable to (B, h, M, 1).
 #
-#   phi(x) = ReLU(x) + 1e-6                                      relu_feature_map
+#   phi(x) = ReLU(x) + 1e-6                                      the feature map (strictly positive)
 #   k~_j = gk_j phi(k_j),  v~_j = gv_j v_j                         the KV gate (per head, per position)
 #   S = (1/M) sum_j k~_j^T v~_j   (d x d),   z = (1/M) sum_j k~_j   the linear memory and its normaliser
 #   O_i = phi(q_i) S / (phi(q_i) . z + eps)                        gated_linear_attention (fp32)
@@ -371,11 +371,6 @@ def differential_read_norm(q: torch.Tensor, k_pos: torch.Tensor, k_neg: torch.Te
 # =====================================================================================================
 
 LINEAR_FEATURE_EPS = 1e-6
-
-
-def relu_feature_map(x: torch.Tensor) -> torch.Tensor:
-    """LINA's kernel feature map phi(x) = ReLU(x) + 1e-6 (strictly positive, so z never vanishes)."""
-    return F.relu(x) + LINEAR_FEATURE_EPS
 
 
 def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_gate: torch.Tensor | None = None,

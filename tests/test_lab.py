@@ -60,7 +60,7 @@ def test_data_is_deterministic(small):
 
 def test_glyphs_are_centred_and_fill_the_glyph_box(small):
     ink = (small.images[:, 0] > 0)                            # (N, 32, 32)
-    rows, cols = ink.any(2), ink.any(1)
+    rows = ink.any(2)                                         # (N, 32): rows with ink
     heights = rows.sum(1).view(-1, 36).max(1).values          # tallest glyph of each font
     assert ((heights >= data.GLYPH_BOX[0] - 2) & (heights <= data.GLYPH_BOX[0] + 1)).all()
     ys = torch.arange(32.0)
@@ -343,3 +343,11 @@ def test_unet_loss_targets_velocity_or_epsilon(small):
         with torch.no_grad():
             expected = torch.nn.functional.mse_loss(model(xt, t, labels), target)
         torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_training_target_is_the_unets_alone_and_a_known_one():
+    with pytest.raises(ValueError, match="prediction must be one of epsilon, v_prediction, got 'sample'"):
+        lab_train.with_config("unet", prediction="sample")
+    for kind in ("dit", "classifier"):
+        with pytest.raises(ValueError, match=f"prediction is the UNet's training target; a {kind} run has none"):
+            lab_train.with_config(kind, prediction="v_prediction")

@@ -44,6 +44,7 @@ from . import models
 from .data import NUM_CLASSES, Glyphs, batch_at, load_glyphs
 
 KINDS = ("dit", "unet", "classifier")
+PREDICTIONS = ("epsilon", "v_prediction")     # the UNet's training targets; the transformer learns the interpolant's
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,13 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True
     checkpoint_minutes: float = 5.0
-    prediction: str = "epsilon"     # the UNet's target: "epsilon" or "v_prediction" (diffusers' prediction_type)
+    prediction: str = "epsilon"     # the UNet's target (PREDICTIONS, diffusers' prediction_type); UNet runs only
     restarts: tuple[int, ...] = ()  # steps where the schedule restarted, warm, towards a new `steps` (extend_to)
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
+
 
 
 DEFAULTS = {
@@ -264,5 +270,7 @@ def load_weights(kind: str, folder: str | Path) -> nn.Module:
 
 
 def with_config(kind: str, **changes) -> TrainConfig:
-    """`DEFAULTS[kind]` with `changes` (e.g. a tiny test run)."""
+    """`DEFAULTS[kind]` with `changes` (e.g. a tiny test run). `prediction` is the UNet's alone."""
+    if "prediction" in changes and kind != "unet":
+        raise ValueError(f"prediction is the UNet's training target; a {kind} run has none to change")
     return replace(DEFAULTS[kind], **changes)
