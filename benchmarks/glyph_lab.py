@@ -71,7 +71,7 @@ UNET_ROWS = {  # the speed / quality trade-off of the three training-free UNet m
 CURVE_METHODS = {name: SIT_ROWS[name] for name in ("mediators n=64", "VCA 64", "LINA", "T^5")}
 CURVE_MINUTES = (0, 2, 5, 10, 20)
 # fine-tune settings added after the first cached rows, with the defaults those rows were made with
-ADDED_DEFAULTS = dict(inherited="sites", ema_decay=0.0, uncond_prob=0.1, mixed_precision="no")
+ADDED_DEFAULTS = dict(inherited="sites", ema_decay=0.0, uncond_prob=0.1, mixed_precision="no", guided_loss=None)
 
 
 def apply(pipe, method: str, options: dict, weights: str | None = None):
@@ -107,7 +107,8 @@ def finetune_config(args, **fields) -> DistillConfig:
     steps); `DistillConfig` checks the settings, so `main` builds one before anything loads."""
     return DistillConfig(batch_size=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr,
                          inherited=args.inherited, ema_decay=args.ema_decay, uncond_prob=args.uncond_prob,
-                         mixed_precision=args.mixed_precision, warmup_steps=10, **fields, **trajectory_fields(args))
+                         mixed_precision=args.mixed_precision, guided_loss=args.guided_loss, warmup_steps=10, **fields,
+                         **trajectory_fields(args))
 
 
 class Study:
@@ -160,8 +161,7 @@ class Study:
         """The fine-tune's settings: part of the cache key of every fine-tuned row."""
         args = self.args
         # settings added since the first rows enter the key only when used, so those rows keep their keys
-        added = {k: v for k, v in dict(inherited=args.inherited, ema_decay=args.ema_decay, uncond_prob=args.uncond_prob,
-                                       mixed_precision=args.mixed_precision).items() if v != ADDED_DEFAULTS[k]}
+        added = {k: getattr(args, k) for k, default in ADDED_DEFAULTS.items() if getattr(args, k) != default}
         return dict(distill_batch=args.distill_batch, lr=args.lr, inherited_lr=args.inherited_lr, **added,
                     **(trajectory_fields(self.args) or dict(labels="own")))
 
@@ -377,6 +377,9 @@ def main(argv=None) -> int:
     parser.add_argument("--uncond-prob", type=non_negative_float, default=ADDED_DEFAULTS["uncond_prob"],
                         help="share of fine-tune samples drawn with the null class (guided sampling calls "
                              "both: 0.5)")
+    parser.add_argument("--guided-loss", type=positive_float, default=ADDED_DEFAULTS["guided_loss"], metavar="SCALE",
+                        help="fine-tunes also distil the guided output at this scale (the SiT samples at 4), each "
+                             "glyph paired with its null-class twin (DistillConfig.guided_loss)")
     parser.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default=ADDED_DEFAULTS["mixed_precision"],
                         help="autocast of the fine-tunes (bf16 uses the CPU's bf16 units: more steps a minute)")
     parser.add_argument("--ema-decay", type=non_negative_float, default=ADDED_DEFAULTS["ema_decay"],
@@ -398,6 +401,8 @@ def main(argv=None) -> int:
         parser.error(f"--num must be a multiple of {NUM_CLASSES}")
     if args.cached_only and args.no_cache:
         parser.error("--cached-only reads the cache that --no-cache turns off: give one of them")
+    if args.guided_loss is not None and args.uncond_prob != ADDED_DEFAULTS["uncond_prob"]:
+        parser.error("--guided-loss draws half of each batch on the null class: give no --uncond-prob")
     try:
         finetune_config(args)
     except ValueError as err:

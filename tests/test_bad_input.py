@@ -472,6 +472,10 @@ def test_sizes_and_counts_must_be_positive(argv, capsys):
     (["--ema-decay", "1"], "the fine-tune's settings: ema_decay must be in [0, 1) (0: no averaging), got 1.0"),
     (["--inherited", "all", "--inherited-lr", "0"],
      "the fine-tune's settings: inherited='all' trains pretrained weights: give inherited_lr > 0"),
+    (["--guided-loss", "1"], "the fine-tune's settings: guided_loss must be None (the per-call loss only) or a "
+                             "guidance scale > 1, got 1.0"),
+    (["--guided-loss", "4", "--distill-batch", "15"], "batch_size must be even, got 15"),
+    (["--guided-loss", "4", "--uncond-prob", "0.5"], "--guided-loss draws half of each batch on the null class"),
 ])
 def test_the_glyph_study_refuses_bad_numbers_before_loading(argv, message, capsys, monkeypatch):
     """Old: `glyph_lab.py --distill-minutes -1` ran the study with a negative fine-tune budget."""

@@ -267,6 +267,49 @@ def test_labelled_data_is_drawn_with_its_own_class(tmp_path):
                   data=torch.zeros(2, 4, 8, 8), labels=torch.tensor([0, 1]))
 
 
+def test_guided_loss_pairs_each_sample_with_its_unconditional_twin(tmp_path):
+    """guided_loss = w: a batch is B/2 samples of their own classes, then the same inputs under the null class; the
+    loss is the per-call MSE plus the MSE of u + w (c - u), written out here pair by pair."""
+    pipe = tiny_pipeline("dit")
+    classes = torch.arange(40) % 4 + 5
+    images = torch.randn(40, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    distiller = Distiller(pipe, "t5", _config(tmp_path, batch_size=8, guided_loss=4.0, inherited_lr=1e-3),
+                          data=images, labels=classes)
+    generator = distiller.data.generator(3)
+    index = torch.randint(0, 40, (4,), generator=generator)
+    batch = distiller.sample_batch(3)
+    assert batch["class_labels"].tolist() == classes[index].tolist() + [1000] * 4
+    torch.testing.assert_close(batch["hidden_states"][:4], batch["hidden_states"][4:], rtol=0, atol=0)
+    torch.testing.assert_close(batch["timestep"][:4], batch["timestep"][4:], rtol=0, atol=0)
+    with torch.no_grad():
+        student, teacher = distiller.student(batch, distiller.denoiser), distiller.teacher(batch)
+        guided_error = sum(((s[1] + 4 * (s[0] - s[1])) - (t[1] + 4 * (t[0] - t[1]))).pow(2).mean()
+                           for s, t in zip(zip(student[:4], student[4:]), zip(teacher[:4], teacher[4:]))) / 4
+        expected = (student - teacher).pow(2).mean() + guided_error
+        torch.testing.assert_close(distiller.loss(batch), expected, rtol=1e-5, atol=1e-7)
+    result = distiller.train()                                  # and it trains: the student comes closer
+    assert result.deviation_after < 0.5 * result.deviation_before, (result.deviation_before, result.deviation_after)
+    dx.unpatch(pipe)
+
+    sd3 = tiny_pipeline("sd3")                                 # text: the twin's prompt is the empty one
+    distiller = Distiller(sd3, "t5", _config(tmp_path, prompts=PROMPTS, batch_size=6, guided_loss=2.0))
+    states = distiller.sample_batch(0)["encoder_hidden_states"]
+    from diffusers_ext.families import get_family
+
+    empty = get_family("sd3").encode_prompts(sd3, [""], "cpu")["encoder_hidden_states"][0]
+    assert all(torch.allclose(states[b], empty) for b in range(3, 6))
+    assert not any(torch.allclose(states[b], empty) for b in range(3))
+    dx.unpatch(sd3)
+
+    for fields, message in [(dict(guided_loss=1.0), "guided_loss must be None .* or a guidance scale > 1, got 1.0"),
+                            (dict(guided_loss=4.0, batch_size=3), "batch_size must be even, got 3"),
+                            (dict(guided_loss=4.0, latents="trajectory"), "use one or the other")]:
+        with pytest.raises(ValueError, match=message):
+            _config(tmp_path, **fields)
+    with pytest.raises(ValueError, match="guided_loss needs the unconditional branch of guidance"):
+        Distiller(pipe, "t5", _config(tmp_path, guided_loss=4.0), conditions=ClassConditions(1000))
+
+
 def test_a_captioned_image_folder_draws_each_image_with_its_own_caption(tmp_path):
     """Images with captions beside them (cat.png + cat.txt): every sample's prompt embedding is its own
     image's caption (or the empty prompt at uncond_prob); partial captions, or captions and prompts, are refused."""

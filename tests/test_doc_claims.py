@@ -16,6 +16,8 @@ CLAIMS = [
      ["test_agent.py::test_torch_compile_with_block_hooks_does_not_recompile_every_step"]),
     ("docs/distill.md", "restores every pretrained weight",
      ["test_distill.py::test_inherited_all_trains_every_pretrained_weight"]),
+    ("docs/distill.md", "pair by pair against the formula",
+     ["test_distill.py::test_guided_loss_pairs_each_sample_with_its_unconditional_twin"]),
     ("docs/distill.md", "resume == uninterrupted", ["test_distill.py::test_training_loop_resume_continues_exactly",
                                                     "test_distill.py::test_checkpoint_resume_equals_uninterrupted"]),
     ("docs/fid.md", "bit-identical whatever the batch",

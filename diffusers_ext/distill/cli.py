@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--prompts", help="text file, one prompt per line (text-to-image models)")
     p.add_argument("--class-labels", help="comma-separated class labels to draw (class-conditional models)")
     p.add_argument("--uncond-prob", type=finite_float, default=0.1)
+    p.add_argument("--guided-loss", type=finite_float, default=None, metavar="SCALE",
+                   help="also distil the guided output at this guidance scale: every sample paired with its "
+                        "unconditional twin (half of each batch; --uncond-prob is then not drawn)")
     p.add_argument("--latents", default="noise", help="'noise', 'trajectory' or a folder of images")
     p.add_argument("--trajectory-runs", type=positive_int, default=8,
                    help="'trajectory': pipeline runs of --batch-size samples recorded before training")
@@ -81,6 +84,7 @@ def run(args) -> int:
     labels = [int(x) for x in args.class_labels.split(",")] if args.class_labels else None
     config = DistillConfig(
         output_dir=args.output_dir, prompts=args.prompts, class_labels=labels, uncond_prob=args.uncond_prob,
+        guided_loss=args.guided_loss,
         latents=args.latents, trajectory_runs=args.trajectory_runs, trajectory_steps=args.trajectory_steps,
         trajectory_guidance=args.trajectory_guidance, resolution=args.resolution,
         batch_size=args.batch_size, max_steps=args.max_steps, lr=args.lr, inherited_lr=args.inherited_lr,

@@ -15,6 +15,12 @@ from .loop import check_loop_config
 # weight of the denoiser (the papers' full fine-tunes).
 INHERITED_SCOPES = ("sites", "all")
 
+# `guided_loss` = w: each batch is B/2 conditional samples and the same noised inputs under the unconditional
+# condition (the empty prompt / the null class; `uncond_prob` is not drawn then), and the loss adds
+# MSE(u_s + w (c_s - u_s), u_t + w (c_t - u_t)), student s against teacher t, to the per-call MSE. Guided sampling
+# follows u + w (c - u), which scales an error in the condition's direction c - u by w; the per-call loss sees that
+# error at its own size (on the glyph SiT c - u is a tenth of the output's norm).
+
 
 @dataclass
 class DistillConfig:
@@ -27,6 +33,7 @@ class DistillConfig:
     prompts: Sequence[str] | str | None = None      # a list, or a text file with one prompt per line
     class_labels: Sequence[int] | None = None       # class-conditional models: labels to draw (default: all)
     uncond_prob: float = 0.1                        # share of empty prompts / null classes
+    guided_loss: float | None = None                # also distil the guided output at this scale (above)
     # inputs
     latents: str = "noise"                          # "noise" | "trajectory" | a folder of images
     trajectory_runs: int = 8                        # "trajectory": pipeline runs (of batch_size samples) recorded
@@ -77,6 +84,17 @@ class DistillConfig:
                                                          and self.trajectory_guidance >= 1):
             raise ValueError(f"trajectory_guidance must be None (the recipe's) or a finite number >= 1, "
                              f"got {self.trajectory_guidance!r}")
+        if self.guided_loss is not None:
+            if not (isinstance(self.guided_loss, (int, float)) and math.isfinite(self.guided_loss)
+                    and self.guided_loss > 1):
+                raise ValueError(f"guided_loss must be None (the per-call loss only) or a guidance scale > 1, "
+                                 f"got {self.guided_loss!r}")
+            if self.batch_size % 2:
+                raise ValueError(f"guided_loss pairs every sample with its unconditional twin: batch_size must be "
+                                 f"even, got {self.batch_size}")
+            if self.latents == "trajectory":
+                raise ValueError("guided_loss pairs noised samples with their unconditional twins; "
+                                 "latents='trajectory' replays the pipeline's own calls: use one or the other")
         if self.shared_timestep not in (None, True, False):
             raise ValueError(f"shared_timestep must be None (automatic), True or False, got {self.shared_timestep!r}")
         if self.latents in ("noise", "trajectory"):

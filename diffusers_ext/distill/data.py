@@ -33,7 +33,8 @@ from .config import DistillConfig
 # =====================================================================================================
 
 class Conditions(Protocol):
-    """Draws the conditioning keyword arguments of the denoiser for a batch (tensors on the CPU)."""
+    """Draws the conditioning keyword arguments of the denoiser for a batch (tensors on the CPU). `guided_loss`
+    also needs `can_pair`, `draw(batch_size, generator)` and `guidance_pairs(drawn)` (as `ClassConditions`)."""
 
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]: ...
 
@@ -72,8 +73,19 @@ class PromptConditions:
         device = getattr(pipe, "_execution_device", None) or pipe.device
         return {key: value.cpu() for key, value in self.family.encode_prompts(pipe, prompts, device).items()}
 
+    can_pair = True     # the empty prompt is the unconditional branch
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """Indices (B,) of prompts drawn uniformly."""
+        return torch.randint(0, len(self.prompts), (batch_size,), generator=generator)
+
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
-        return self.of_prompts(torch.randint(0, len(self.prompts), (batch_size,), generator=generator), generator)
+        return self.of_prompts(self.draw(batch_size, generator), generator)
+
+    def guidance_pairs(self, index: torch.Tensor) -> dict[str, Any]:
+        """The conditions of `self.prompts[index]` (B,), then B empty prompts: (2B, ...)."""
+        rows = torch.cat([index + 1, torch.zeros_like(index)])
+        return self.family.condition_kwargs({key: value[rows] for key, value in self.table.items()}, self.resolution)
 
     def of_prompts(self, index: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
         """The conditions of `self.prompts[index]` (B,), each replaced by the empty prompt with `uncond_prob`."""
@@ -104,9 +116,21 @@ class ClassConditions:
         has_null = table.embedding_table.num_embeddings > table.num_classes
         return cls(table.num_classes, labels, table.num_classes if has_null else None, uncond_prob)
 
+    @property
+    def can_pair(self) -> bool:
+        """Whether the model has a null class (the unconditional branch of guidance)."""
+        return self.null_label is not None
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """Class labels (B,) drawn uniformly from `self.labels`."""
+        return self.labels[torch.randint(0, len(self.labels), (batch_size,), generator=generator)]
+
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
-        labels = self.labels[torch.randint(0, len(self.labels), (batch_size,), generator=generator)]
-        return self.of_labels(labels, generator)
+        return self.of_labels(self.draw(batch_size, generator), generator)
+
+    def guidance_pairs(self, labels: torch.Tensor) -> dict[str, Any]:
+        """The labels (B,), then B null classes: (2B,)."""
+        return {"class_labels": torch.cat([labels, torch.full_like(labels, self.null_label)])}
 
     def of_labels(self, labels: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
         """The conditions of samples of known classes `labels` (B,): each one replaced by the null
@@ -338,6 +362,9 @@ class DistillData:
             self.clean = self._encode_images(paths)
         else:
             self.clean = None  # x0 ~ N(0, I), or trajectory states
+        if config.guided_loss is not None and not getattr(self.conditions, "can_pair", False):
+            raise ValueError("guided_loss needs the unconditional branch of guidance: these conditions have none "
+                             "(a class-conditional model without a null class, or conditions without guidance_pairs)")
         self.runs = None
         if config.latents == "trajectory" and self.clean is None:
             if pipe is None:
@@ -462,6 +489,8 @@ class DistillData:
     def sample_batch(self, step: int, seed: int | None = None) -> dict[str, Any]:
         """Denoiser keyword arguments of one (per-process) batch: sample, timestep and conditions."""
         generator = self.generator(step, seed)
+        if self.config.guided_loss is not None:
+            return self._guidance_pairs(generator)
         batch = self.config.batch_size
         if self.labels is not None or self.captioned:      # each sample with its own class or caption
             index = torch.randint(0, len(self.clean), (batch,), generator=generator)
@@ -478,6 +507,21 @@ class DistillData:
             x0 = torch.randn((batch, *self.latent_shape), generator=generator)
         sample, timestep = self.noising.add_noise(x0, generator, shared=self.shared_timestep)
         return self.inputs(sample, timestep, cond)
+
+    def _guidance_pairs(self, generator: torch.Generator) -> dict[str, Any]:
+        """B/2 conditional samples, then the same noised inputs (noise, timestep) under the unconditional
+        condition: the pairs of `config.guided_loss`."""
+        half = self.config.batch_size // 2
+        if self.labels is not None or self.captioned:      # each sample with its own class or caption
+            index = torch.randint(0, len(self.clean), (half,), generator=generator)
+            keys, x0 = (self.labels[index] if self.labels is not None else index), self.clean[index]
+        else:
+            keys = self.conditions.draw(half, generator)
+            x0 = (self.clean[torch.randint(0, len(self.clean), (half,), generator=generator)] if self.clean is not None
+                  else torch.randn((half, *self.latent_shape), generator=generator))
+        sample, timestep = self.noising.add_noise(x0, generator, shared=self.shared_timestep)
+        return self.inputs(torch.cat([sample, sample]), torch.cat([timestep, timestep]),
+                           self.conditions.guidance_pairs(keys))
 
     def inputs(self, sample, timestep, cond) -> dict[str, Any]:
         """Denoiser keyword arguments on the device, floating tensors in the model's dtype."""

@@ -157,7 +157,13 @@ class Distiller:
             return _output((model or self.loop.model)(**inputs)).float()
 
     def loss(self, inputs: dict[str, Any]) -> torch.Tensor:
-        return F.mse_loss(self.student(inputs), self.teacher(inputs))
+        """MSE of student and teacher; with `config.guided_loss` (batches of conditional / unconditional pairs),
+        plus the MSE of their guided outputs."""
+        student, teacher, scale = self.student(inputs), self.teacher(inputs), self.config.guided_loss
+        loss = F.mse_loss(student, teacher)
+        if scale is not None:
+            loss = loss + F.mse_loss(_guided(student, scale), _guided(teacher, scale))
+        return loss
 
     @torch.no_grad()
     def evaluate(self, num_batches: int = 2, seed: int = 12345) -> float:
@@ -222,6 +228,12 @@ def distill(pipe_or_model, method: str, config: DistillConfig | None = None, **k
     """Patch `pipe_or_model` with `method`, fine-tune by distillation, save to `config.output_dir`.
     The model stays patched with the trained weights. `kwargs` go to `Distiller` (options=...)."""
     return Distiller(pipe_or_model, method, config, **kwargs).train()
+
+
+def _guided(output: torch.Tensor, scale: float) -> torch.Tensor:
+    """u + scale (c - u) of a (2B, ...) output whose first half is conditional, second unconditional: (B, ...)."""
+    cond, uncond = output.chunk(2)
+    return uncond + scale * (cond - uncond)
 
 
 def _output(result) -> torch.Tensor:
