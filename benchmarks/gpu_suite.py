@@ -59,7 +59,6 @@ import harness  # noqa: E402
 from t5_speed import SD35_MEDIUM, SD35_NARROW, TEXT_TOKENS, block_kinds  # noqa: E402
 
 import diffusers_ext as dx  # noqa: E402
-from diffusers_ext.families import family_of  # noqa: E402
 
 BATCH = 2
 BLOCK_FORWARDS = 3     # sd35: forwards per variant timed block by block (harness.BlockTimer), after the timed ones
@@ -198,17 +197,6 @@ BENCHES = {"unet": unet_bench, "sd35": sd35_bench, "dit": dit_bench}
 
 # --- running a cell --------------------------------------------------------------------------------------
 
-def compile_regions(model: torch.nn.Module, backend: str) -> int:
-    """torch.compile every module that directly holds an attention site (the transformer blocks); returns
-    how many. Identical blocks share their compiled code, so this compiles in a fraction of the time of the
-    whole model."""
-    modules = dict(model.named_modules())
-    parents = {site.name.rpartition(".")[0] for site in family_of(model).find_sites(model)}
-    for name in parents:
-        modules[name].compile(backend=backend)
-    return len(parents)
-
-
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return f"{type(err).__name__}: {text[:160]}"
@@ -237,7 +225,7 @@ def run_cell(part: str, case: str, dtype: torch.dtype, compiled: bool, args, dev
         with torch.no_grad():
             if compiled:
                 for model in {id(m): m for m in bench.models.values()}.values():
-                    compile_regions(model, args.compile_backend)
+                    harness.compile_regions(model, args.compile_backend)
             calls = dict(bench.calls)
             for name in list(calls):   # the first warm-up call, alone: compiles, calibrates, finds failures
                 try:

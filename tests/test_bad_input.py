@@ -488,6 +488,16 @@ def test_the_glyph_study_refuses_bad_numbers_before_loading(argv, message, capsy
     assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_compiled_lab_scale_timing_refuses_too_few_warmup_rounds(capsys, monkeypatch):
+    """The compiled variants compile in the first two warm-up rounds: fewer would time compiling."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    lab_scale = importlib.import_module("lab_scale")
+    with pytest.raises(SystemExit) as exit:
+        lab_scale.main(["--compile", "--warmup", "1"])
+    assert exit.value.code == 2
+    assert "--compile compiles in the first two warm-up rounds: give --warmup 2 or more, got 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["nomethod"], "unknown method 'nomethod'"),
     (["mediator", "--option", "foo=1"], "method 'mediator' has no option(s) foo"),
