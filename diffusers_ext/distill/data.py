@@ -56,6 +56,8 @@ class PromptConditions:
     `encode_prompt`), kept on the CPU. Row 0 of the table is the empty prompt (the unconditional
     branch of guidance); `Family.condition_kwargs` turns drawn rows into the denoiser's arguments."""
 
+    can_pair = True     # the empty prompt is the unconditional branch (`guidance_pairs`)
+
     def __init__(self, pipe, family: Family | str, prompts: Sequence[str] | str, uncond_prob: float = 0.1,
                  resolution: tuple[int, int] | None = None, chunk: int = 16):
         self.family = get_family(family) if isinstance(family, str) else family
@@ -72,8 +74,6 @@ class PromptConditions:
     def _encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
         device = getattr(pipe, "_execution_device", None) or pipe.device
         return {key: value.cpu() for key, value in self.family.encode_prompts(pipe, prompts, device).items()}
-
-    can_pair = True     # the empty prompt is the unconditional branch
 
     def draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """Indices (B,) of prompts drawn uniformly."""
